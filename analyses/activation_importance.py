@@ -1,0 +1,537 @@
+"""Activation importance: how large each dimension of a hook site is, or how much the loss depends on it.
+
+For every chosen layer this reads one TransformerLens hook site (MLP activations after the
+nonlinearity by default, or a residual-stream / attention / MLP output) over every token position of
+every passage of the dataset, and reduces it to one number per dimension:
+
+- ``aggregate_by: values``: the activation itself, ``x``. Forward passes only, under
+  ``torch.no_grad()``, stopping after the last chosen layer.
+- ``aggregate_by: gradients``: ``dL/dx``, the gradient of the next-token cross-entropy with respect to
+  the activation (the quantity gradient-based attribution methods such as gradient × activation build
+  on). One backward pass per batch serves every chosen layer, and no parameter gradients are computed.
+
+``mean`` keeps the sign (the direction of the effect), ``mean_abs`` measures magnitude. An optional
+``power`` (``sign(x) * |x|**p``) is applied after averaging, then an optional normalization rescales each
+layer so that ``sum(|x|)`` (``sum_abs``) or ``sum(x)`` (``sum``) equals the number of dimensions, which
+makes layers of different widths comparable.
+
+Replaces the seed script ``layer_gradient_analysis.py``; its file names (``layer_{L}_{variant}_gradients.npy``,
+``consolidated_results.npz``, ``metadata.json``, ``timing_stats.json``) are kept. Two deliberate differences:
+
+- The loss is the SUM of the per-token cross-entropies over the batch, not the batch mean, so a token's
+  gradient does not depend on the batch size or passage length. Gradients are therefore
+  ``B * (T - 1)`` times larger than the seed's; normalized variants are unaffected. Means are taken over
+  all ``B * T`` positions; the gradient at a passage's last position is zero (it predicts nothing).
+- ``consolidated_results.npz`` holds arrays only (it loads without ``allow_pickle``); the metadata the
+  seed pickled into it is in ``metadata.json``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from analyses._tensors import (
+    DimAccumulator,
+    frozen_parameters,
+    hook_name,
+    normalize,
+    signed_power,
+    top_by_abs,
+    vector_stats,
+)
+from runner.errors import ResourceError
+from runner.models import require_hooks
+from runner.params import Indices
+from runner.registry import analysis
+from runner.step import StepContext, StepOutput
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+__all__ = ["ActivationImportanceParams", "activation_importance"]
+
+Site = Literal["mlp_post", "resid_pre", "resid_mid", "resid_post", "mlp_out", "attn_out"]
+Mode = Literal["mean", "mean_abs"]
+Norm = Literal["none", "sum", "sum_abs"]
+Results = dict[int, dict[str, np.ndarray]]  # layer → variant → (D,) float64
+
+
+class ActivationImportanceParams(BaseModel):
+    """Parameters of ``activation_importance`` (the seed's flags, minus the dataset ones)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    layers: Indices | None = None
+    """Layers to analyse: ``"0-23"``, ``"0,5,10"``, an int or a list. Default: every layer of the model."""
+
+    site: Site = "mlp_post"
+    """Hook site: ``mlp_post`` (``blocks.{L}.mlp.hook_post``, d_mlp dims), ``resid_pre``/``resid_mid``/
+    ``resid_post``/``mlp_out``/``attn_out`` (``blocks.{L}.hook_<site>``, d_model dims)."""
+
+    aggregate_by: Literal["values", "gradients"] = "values"
+    """``values``: the activations (forward only, fast). ``gradients``: d(summed next-token loss)/d(activation)."""
+
+    aggregation_mode: Literal["mean", "mean_abs", "both"] = "mean_abs"
+    """``mean``: signed mean (direction); ``mean_abs``: mean absolute value (magnitude); ``both``."""
+
+    power: float | tuple[float, ...] | None = None
+    """Power applied after averaging, before normalization, keeping the sign (``sign(x)*|x|**p``).
+    Must be positive. A list (or ``"0.5,1.0,2.0"``) uses its first value and says so in a note."""
+
+    normalization: Literal["none", "sum", "sum_abs", "both"] = "sum_abs"
+    """The seed's ``--normalize_gradients``: rescale each layer so ``sum(|x|)`` (``sum_abs``) or ``sum(x)``
+    (``sum``) equals its dimension; ``none`` keeps raw values; ``both`` outputs both variants."""
+
+    batch_size: int = Field(4, ge=1)
+    """Passages per forward (and backward) pass. Results do not depend on it."""
+
+    top_k: int = Field(10, ge=1)
+    """How many dimensions of largest ``|value|`` per layer go into the summary and ``top_dimensions.csv``."""
+
+    @field_validator("power", mode="before")
+    @classmethod
+    def _read_power(cls, value: Any) -> Any:
+        """Read the seed's ``"0.5,1.0,2.0"`` form; a one-element list is just that number."""
+        if isinstance(value, str):
+            try:
+                value = [float(part) for part in value.split(",") if part.strip()]
+            except ValueError:
+                raise ValueError(f"cannot read {value!r} as a number or numbers like '0.5,1.0,2.0'") from None
+        if isinstance(value, list | tuple):
+            if not value:
+                raise ValueError("power list is empty: give a number, a list of numbers, or leave it out")
+            return value[0] if len(value) == 1 else tuple(value)
+        return value
+
+    @field_validator("power")
+    @classmethod
+    def _check_power(cls, value: float | tuple[float, ...] | None) -> float | tuple[float, ...] | None:
+        values = value if isinstance(value, tuple) else () if value is None else (value,)
+        bad = [p for p in values if not (math.isfinite(p) and p > 0)]
+        if bad:
+            raise ValueError(f"power must be a positive finite number, got {bad[0]}")
+        return value
+
+
+@dataclass
+class Timing:
+    """Wall-clock seconds of the batch loop."""
+
+    batch_seconds: list[float] = field(default_factory=list)
+    forward_seconds: float = 0.0
+    backward_seconds: float = 0.0
+
+
+@analysis("activation_importance", params=ActivationImportanceParams)
+def activation_importance(ctx: StepContext, params: ActivationImportanceParams) -> StepOutput:
+    """Per-dimension mean / mean |·| of activations or loss gradients at one hook site, per layer."""
+    start = time.perf_counter()
+    layers = _resolve_layers(ctx, params)
+    hooks = {layer: hook_name(params.site, layer) for layer in layers}
+    require_hooks(ctx.model, list(hooks.values()), where=f"activation_importance case {ctx.case_id}")
+    power = _resolve_power(ctx, params.power)
+    accumulators, timing = _accumulate(ctx, params, hooks)
+    results = _variants(ctx, accumulators, params, power)
+    n_tokens = next(iter(accumulators.values())).count
+    total_seconds = time.perf_counter() - start
+    summary = _summary(ctx, params, results, n_tokens, power)
+    data = _data_files(ctx, params, results, hooks, power, n_tokens, timing, total_seconds)
+    return StepOutput(summary=summary, data=data, plots=_plots(ctx, params, results))  # notes: via ctx.note
+
+
+# --- parameters against the model -----------------------------------------------------------------
+
+
+def _resolve_layers(ctx: StepContext, params: ActivationImportanceParams) -> list[int]:
+    n_layers = ctx.model.n_layers
+    if params.layers is None:
+        return list(range(n_layers))
+    missing = sorted(layer for layer in params.layers if layer >= n_layers)
+    if missing:
+        raise ResourceError(
+            f"activation_importance case {ctx.case_id}: layers {missing} do not exist in model "
+            f"{ctx.model.name!r}, which has {n_layers} layers (valid layers: 0-{n_layers - 1}).\n"
+            f"Set `layers` within that range, e.g. '0-{n_layers - 1}', or leave it out to analyse every layer."
+        )
+    return sorted(params.layers)
+
+
+def _resolve_power(ctx: StepContext, power: float | tuple[float, ...] | None) -> float | None:
+    if isinstance(power, tuple):
+        ctx.note(
+            f"Multiple power values given {list(power)}; using the first one, {power[0]}. "
+            "Sweep `power` to compare several."
+        )
+        return power[0]
+    return power
+
+
+# --- the batch loop ---------------------------------------------------------------------------------
+
+
+def _accumulate(
+    ctx: StepContext, params: ActivationImportanceParams, hooks: dict[int, str]
+) -> tuple[dict[int, DimAccumulator], Timing]:
+    """Stream the dataset through the model once, accumulating per-dimension sums per layer."""
+    model = ctx.model.model
+    dataset = ctx.dataset
+    if len(dataset) == 0:
+        raise ResourceError(f"activation_importance case {ctx.case_id}: the dataset has no passages.")
+    if params.aggregate_by == "gradients" and dataset.max_len < 2:
+        raise ResourceError(
+            f"activation_importance case {ctx.case_id}: gradients need passages of at least 2 tokens "
+            f"(a next-token loss), but dataset.max_len is {dataset.max_len}. Raise `dataset.max_len`."
+        )
+    accumulators = {layer: DimAccumulator() for layer in hooks}
+    timing = Timing()
+    device = next(model.parameters()).device
+    batches = ctx.progress(dataset.batches(params.batch_size), dataset.n_batches(params.batch_size), "batches")
+    with frozen_parameters(model):
+        for tokens in batches:
+            batch_start = time.perf_counter()
+            if params.aggregate_by == "values":
+                forward, backward = _values_step(model, tokens.to(device), hooks, accumulators)
+            else:
+                forward, backward = _gradients_step(model, tokens.to(device), hooks, accumulators)
+            timing.batch_seconds.append(time.perf_counter() - batch_start)
+            timing.forward_seconds += forward
+            timing.backward_seconds += backward
+    return accumulators, timing
+
+
+def _values_step(
+    model: HookedTransformer, tokens: torch.Tensor, hooks: dict[int, str], accumulators: dict[int, DimAccumulator]
+) -> tuple[float, float]:
+    """One forward pass that stops after the last chosen layer; returns (forward, backward) seconds."""
+
+    def adder(accumulator: DimAccumulator) -> Any:
+        def hook(act: torch.Tensor, hook: Any) -> None:
+            accumulator.add(act)  # act: (B, T, D)
+
+        return hook
+
+    fwd_hooks = [(name, adder(accumulators[layer])) for layer, name in hooks.items()]
+    start = time.perf_counter()
+    with torch.no_grad():
+        model.run_with_hooks(tokens, return_type=None, stop_at_layer=max(hooks) + 1, fwd_hooks=fwd_hooks)
+    return time.perf_counter() - start, 0.0
+
+
+def _gradients_step(
+    model: HookedTransformer, tokens: torch.Tensor, hooks: dict[int, str], accumulators: dict[int, DimAccumulator]
+) -> tuple[float, float]:
+    """One forward and one backward pass for all layers; returns (forward, backward) seconds."""
+    acts: dict[int, torch.Tensor] = {}
+
+    def capturer(layer: int) -> Any:
+        def hook(act: torch.Tensor, hook: Any) -> torch.Tensor:
+            # Parameters are frozen, so the earliest hooked activation has no graph: make it the leaf
+            # the backward pass starts from. Later ones depend on it through the residual stream.
+            if not act.requires_grad:
+                act = act.detach().requires_grad_(True)
+            acts[layer] = act
+            return act
+
+        return hook
+
+    fwd_hooks = [(name, capturer(layer)) for layer, name in hooks.items()]
+    start = time.perf_counter()
+    with torch.enable_grad():
+        loss_per_token = model.run_with_hooks(tokens, return_type="loss", loss_per_token=True, fwd_hooks=fwd_hooks)
+        loss = loss_per_token.sum()  # (B, T-1) → (): a sum, so per-token gradients ignore batch size
+        middle = time.perf_counter()
+        layers = list(acts)
+        grads = torch.autograd.grad(loss, [acts[layer] for layer in layers])
+    for layer, grad in zip(layers, grads, strict=True):
+        accumulators[layer].add(grad)  # grad: (B, T, D)
+    return middle - start, time.perf_counter() - middle
+
+
+# --- from sums to variants ---------------------------------------------------------------------------
+
+
+def _modes(params: ActivationImportanceParams) -> list[Mode]:
+    """Magnitude first, so that ``variants[0]`` (used by ``peak`` and the overview) is ``mean_abs``."""
+    return ["mean_abs", "mean"] if params.aggregation_mode == "both" else [params.aggregation_mode]
+
+
+def _norms(params: ActivationImportanceParams) -> list[Norm]:
+    return ["sum_abs", "sum"] if params.normalization == "both" else [params.normalization]
+
+
+def variant_names(params: ActivationImportanceParams) -> list[str]:
+    """``mean_abs``, ``mean`` or, with ``normalization: both``, ``{mode}_norm_{sum_abs|sum}``."""
+    if params.normalization != "both":
+        return list(_modes(params))
+    return [f"{mode}_norm_{norm}" for mode in _modes(params) for norm in _norms(params)]
+
+
+def _variants(
+    ctx: StepContext, accumulators: dict[int, DimAccumulator], params: ActivationImportanceParams, power: float | None
+) -> Results:
+    """Mean / mean_abs per layer, then the power, then each normalization."""
+    results: Results = {}
+    for layer, accumulator in accumulators.items():
+        raw = {"mean": accumulator.mean(), "mean_abs": accumulator.mean_abs()}  # each (D,)
+        results[layer] = {}
+        for mode in _modes(params):
+            powered = raw[mode] if power is None else signed_power(raw[mode], power)
+            for norm in _norms(params):
+                name = mode if params.normalization != "both" else f"{mode}_norm_{norm}"
+                results[layer][name], ok = normalize(powered, norm)
+                if not ok:
+                    ctx.note(f"layer {layer} {name}: cannot normalize by {norm} (it is zero); kept raw values")
+    return results
+
+
+# --- summary and data files -----------------------------------------------------------------------
+
+
+def _layer_summary(values: np.ndarray, top_k: int) -> dict[str, Any]:
+    return {**vector_stats(values), "top": [[dim, value] for dim, value in top_by_abs(values, top_k)]}
+
+
+def _summary(
+    ctx: StepContext, params: ActivationImportanceParams, results: Results, n_tokens: int, power: float | None
+) -> dict[str, Any]:
+    """What expectations read: ``peak.value``, ``layers[3].mean_abs.max``, ``dims[3]``…"""
+    variants = variant_names(params)
+    first = variants[0]
+    peak_layer = max(results, key=lambda layer: float(np.abs(results[layer][first]).max()))
+    peak_dim, peak_value = top_by_abs(results[peak_layer][first], 1)[0]
+    return {
+        "variants": variants,
+        "layers": {
+            layer: {name: _layer_summary(values, params.top_k) for name, values in by_variant.items()}
+            for layer, by_variant in results.items()
+        },
+        "peak": {"layer": peak_layer, "variant": first, "dim": peak_dim, "value": peak_value},
+        "dims": {layer: int(by_variant[first].size) for layer, by_variant in results.items()},
+        "n_tokens": n_tokens,
+        "aggregate_by": params.aggregate_by,
+        "site": params.site,
+        "power": power,
+        "normalization": params.normalization,
+        "model": ctx.model.name,
+    }
+
+
+def _data_files(
+    ctx: StepContext,
+    params: ActivationImportanceParams,
+    results: Results,
+    hooks: dict[int, str],
+    power: float | None,
+    n_tokens: int,
+    timing: Timing,
+    total_seconds: float,
+) -> dict[str, Any]:
+    """Every file of the case, under the seed's names where the seed had one."""
+    data: dict[str, Any] = {}
+    for layer, by_variant in results.items():
+        for name, values in by_variant.items():
+            data[f"layer_{layer}_{name}_gradients.npy"] = values
+    data["consolidated_results.npz"] = {
+        f"layer_{layer}_{name}": values for layer, by_variant in results.items() for name, values in by_variant.items()
+    }
+    data["per_layer_stats.csv"] = _stats_rows(results)
+    data["top_dimensions.csv"] = _top_rows(results, params.top_k)
+    data["timing_stats.json"] = _timing_stats(timing, total_seconds, n_tokens)
+    data["timing_summary.txt"] = _timing_summary(ctx, timing, total_seconds, n_tokens)
+    files = [*data, "metadata.json"]
+    data["metadata.json"] = _metadata(ctx, params, results, hooks, power, n_tokens, timing, total_seconds, files)
+    return data
+
+
+def _stats_rows(results: Results) -> list[dict[str, Any]]:
+    return [
+        {"layer": layer, "variant": name, "dim": int(values.size), **vector_stats(values)}
+        for layer, by_variant in results.items()
+        for name, values in by_variant.items()
+    ]
+
+
+def _top_rows(results: Results, top_k: int) -> list[dict[str, Any]]:
+    return [
+        {"layer": layer, "variant": name, "rank": rank, "dim": dim, "value": value}
+        for layer, by_variant in results.items()
+        for name, values in by_variant.items()
+        for rank, (dim, value) in enumerate(top_by_abs(values, top_k), start=1)
+    ]
+
+
+def _timing_stats(timing: Timing, total_seconds: float, n_tokens: int) -> dict[str, Any]:
+    loop_seconds = sum(timing.batch_seconds)
+    return {
+        "total_seconds": total_seconds,
+        "n_batches": len(timing.batch_seconds),
+        "batch_seconds": timing.batch_seconds,
+        "mean_batch_seconds": loop_seconds / max(len(timing.batch_seconds), 1),
+        "forward_seconds": timing.forward_seconds,
+        "backward_seconds": timing.backward_seconds,
+        "n_tokens": n_tokens,
+        "tokens_per_second": n_tokens / loop_seconds if loop_seconds > 0 else None,
+    }
+
+
+def _timing_summary(ctx: StepContext, timing: Timing, total_seconds: float, n_tokens: int) -> str:
+    stats = _timing_stats(timing, total_seconds, n_tokens)
+    rate = f"{stats['tokens_per_second']:.0f} tokens/s" if stats["tokens_per_second"] else "n/a"
+    return (
+        f"activation_importance case {ctx.case_id} on {ctx.model.name}\n"
+        f"total: {total_seconds:.2f} s (before plotting)\n"
+        f"batches: {stats['n_batches']}, mean {stats['mean_batch_seconds']:.3f} s per batch\n"
+        f"forward: {timing.forward_seconds:.2f} s, backward: {timing.backward_seconds:.2f} s\n"
+        f"throughput: {n_tokens} tokens, {rate}\n"
+    )
+
+
+def _metadata(
+    ctx: StepContext,
+    params: ActivationImportanceParams,
+    results: Results,
+    hooks: dict[int, str],
+    power: float | None,
+    n_tokens: int,
+    timing: Timing,
+    total_seconds: float,
+    files: list[str],
+) -> dict[str, Any]:
+    """The seed's ``metadata.json`` layout, plus what the seed pickled into its npz."""
+    dataset = ctx.dataset
+    return {
+        "analysis_config": {
+            "model_name": ctx.model.name,
+            "aggregate_by": params.aggregate_by,
+            "aggregation_mode": params.aggregation_mode,
+            "power": power,
+            "power_requested": params.power,
+            "normalization_mode": params.normalization,
+            "layers": list(hooks),
+            "site": params.site,
+            "hook_names": list(hooks.values()),
+            "dataset": dataset.name,
+            "dataset_fingerprint": dataset.fingerprint,
+            "num_samples": len(dataset),
+            "max_length": dataset.max_len,
+            "batch_size": params.batch_size,
+            "n_tokens": n_tokens,
+            "loss": "sum over batch and positions of next-token cross-entropy" if params.aggregate_by == "gradients"
+            else None,
+            "variants": variant_names(params),
+        },
+        "layer_statistics": {
+            f"layer_{layer}_{name}": vector_stats(values)
+            for layer, by_variant in results.items()
+            for name, values in by_variant.items()
+        },
+        "dimension_sizes": {str(layer): int(next(iter(v.values())).size) for layer, v in results.items()},
+        "timing": {
+            "total_seconds": total_seconds,
+            "mean_batch_seconds": sum(timing.batch_seconds) / max(len(timing.batch_seconds), 1),
+        },
+        "files": files,
+        "how_to_load": _how_to_load(results),
+        "note": "consolidated_results.npz holds arrays only; this file holds the metadata the seed pickled into it.",
+    }
+
+
+def _how_to_load(results: Results) -> str:
+    layer = next(iter(results))
+    key = f"layer_{layer}_{next(iter(results[layer]))}"
+    return (
+        "import json\n"
+        "import numpy as np\n"
+        "data = np.load('consolidated_results.npz')  # arrays only: no allow_pickle needed\n"
+        f"values = data['{key}']  # keys: layer_{{L}}_{{variant}}; list them with data.files\n"
+        "with open('metadata.json') as f:\n"
+        "    metadata = json.load(f)\n"
+    )
+
+
+# --- plots -----------------------------------------------------------------------------------------
+
+
+def _quantity(params: ActivationImportanceParams) -> str:
+    return "activation" if params.aggregate_by == "values" else "loss gradient"
+
+
+def _plots(ctx: StepContext, params: ActivationImportanceParams, results: Results) -> dict[str, Figure]:
+    """Per-layer histograms (as the seed), a grid per variant, the mean-vs-mean_abs grid, the overview."""
+    model_name = ctx.model.name
+    plots: dict[str, Figure] = {}
+    for name in variant_names(params):
+        for layer, by_variant in results.items():
+            plots[f"layer_{layer}_{name}_hist.png"] = _layer_histogram(
+                by_variant[name], f"{model_name} · layer {layer} · {name}", params
+            )
+        plots[f"all_layers_{name}_hist.png"] = _histogram_grid(results, name, model_name, params)
+    if params.aggregation_mode == "both":
+        plots["all_layers_combined.png"] = _combined_grid(results, model_name, params)
+    plots["importance_by_layer.png"] = _overview(results, variant_names(params)[0], model_name, params)
+    return plots
+
+
+def _layer_histogram(values: np.ndarray, title: str, params: ActivationImportanceParams) -> Figure:
+    fig = Figure(figsize=(4.5, 3.2), layout="constrained")
+    ax = fig.add_subplot()
+    ax.hist(values, bins=50, color="tab:blue")
+    ax.set(title=title, xlabel=f"per-dimension {_quantity(params)} ({params.site})", ylabel="dimensions")
+    ax.title.set_fontsize(9)
+    return fig
+
+
+def _grid(n: int, title: str) -> tuple[Figure, list[Any]]:
+    cols = min(6, n)
+    rows = -(-n // cols)
+    fig = Figure(figsize=(2.6 * cols, 2.1 * rows + 0.5), layout="constrained")
+    fig.suptitle(title)
+    axes = [fig.add_subplot(rows, cols, i + 1) for i in range(n)]
+    return fig, axes
+
+
+def _histogram_grid(results: Results, name: str, model_name: str, params: ActivationImportanceParams) -> Figure:
+    fig, axes = _grid(len(results), f"{model_name} · {params.site} {_quantity(params)} · {name} · all layers")
+    for ax, (layer, by_variant) in zip(axes, results.items(), strict=True):
+        ax.hist(by_variant[name], bins=40, color="tab:blue")
+        ax.set_title(f"layer {layer}", fontsize=8)
+        ax.tick_params(labelsize=6)
+    return fig
+
+
+def _combined_grid(results: Results, model_name: str, params: ActivationImportanceParams) -> Figure:
+    """Per dimension: signed mean (x) against mean |·| (y), with the same normalization."""
+    suffix = "_norm_sum_abs" if params.normalization == "both" else ""
+    fig, axes = _grid(len(results), f"{model_name} · {params.site} {_quantity(params)} · mean vs mean_abs{suffix}")
+    for ax, (layer, by_variant) in zip(axes, results.items(), strict=True):
+        ax.scatter(by_variant[f"mean{suffix}"], by_variant[f"mean_abs{suffix}"], s=3, alpha=0.5)
+        ax.set_title(f"layer {layer}", fontsize=8)
+        ax.set_xlabel("mean", fontsize=7)
+        ax.set_ylabel("mean_abs", fontsize=7)
+        ax.tick_params(labelsize=6)
+    return fig
+
+
+def _overview(results: Results, name: str, model_name: str, params: ActivationImportanceParams) -> Figure:
+    layers = list(results)
+    fig = Figure(figsize=(7, 3.8), layout="constrained")
+    ax = fig.add_subplot()
+    ax.plot(layers, [results[layer][name].max() for layer in layers], marker="o", label="max")
+    ax.plot(layers, [results[layer][name].mean() for layer in layers], marker="s", label="mean")
+    if any(results[layer][name].min() < 0 for layer in layers):
+        ax.plot(layers, [results[layer][name].min() for layer in layers], marker="v", label="min")
+    ax.set(
+        title=f"{model_name} · {params.site} {_quantity(params)} importance by layer · {name}",
+        xlabel="layer",
+        ylabel=name,
+    )
+    ax.legend()
+    return fig

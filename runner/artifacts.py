@@ -1,0 +1,171 @@
+"""The run folder and its writers.
+
+``runs/<spec name>/<timestamp>-<short hash>/`` holds the spec as given, ``manifest.json``,
+``data/<case id>/`` (CSV, JSONL, JSON, NPZ, NPY, TXT), ``plots/<case id>/`` (PNG) and the reports.
+Every file is written to a temporary name and renamed, so an interrupted run never leaves a
+half-written file behind; the manifest is rewritten after every case.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import shutil
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from runner.errors import RunnerError
+
+__all__ = ["RunFolder", "create_run_folder", "safe_name", "to_jsonable", "write_atomic"]
+
+
+def safe_name(case_id: str) -> str:
+    """A folder name for a case id: ``importance[layers=0-5]`` → ``importance[layers=0-5]`` minus unsafe chars."""
+    return re.sub(r"[^A-Za-z0-9_.,=\[\]+-]", "_", case_id)
+
+
+def to_jsonable(value: Any) -> Any:
+    """Numpy scalars/arrays, tuples, paths and non-finite floats → plain JSON values."""
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return to_jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return to_jsonable(value.item())
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_atomic(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
+    """Write through ``write(file)`` into a temporary sibling, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as handle:
+        write(handle)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, value: Any) -> None:
+    text = json.dumps(to_jsonable(value), indent=2, allow_nan=False)
+    write_atomic(path, lambda f: f.write(text.encode() + b"\n"))
+
+
+def _frame(value: Any) -> pd.DataFrame:
+    return value if isinstance(value, pd.DataFrame) else pd.DataFrame(list(value))
+
+
+def _write_csv(path: Path, value: Any) -> None:
+    write_atomic(path, lambda f: _frame(value).to_csv(f, index=False))
+
+
+def _write_jsonl(path: Path, value: Any) -> None:
+    rows = _frame(value).to_dict(orient="records") if isinstance(value, pd.DataFrame) else list(value)
+    lines = "".join(json.dumps(to_jsonable(r), allow_nan=False) + "\n" for r in rows)
+    write_atomic(path, lambda f: f.write(lines.encode()))
+
+
+def _write_npz(path: Path, value: Any) -> None:
+    arrays = {k: np.asarray(v) for k, v in value.items()}
+    bad = [k for k, a in arrays.items() if a.dtype == object]
+    if bad:
+        raise RunnerError(f"{path.name}: arrays {bad} hold Python objects; NPZ files never hold pickles. "
+                          "Put metadata in a .json file instead.")
+    write_atomic(path, lambda f: np.savez_compressed(f, **arrays))  # type: ignore[arg-type]
+
+
+def _write_npy(path: Path, value: Any) -> None:
+    array = np.asarray(value)
+    if array.dtype == object:
+        raise RunnerError(f"{path.name}: an object array cannot be saved without pickling")
+    write_atomic(path, lambda f: np.save(f, array, allow_pickle=False))
+
+
+def _write_text(path: Path, value: Any) -> None:
+    write_atomic(path, lambda f: f.write(str(value).encode()))
+
+
+WRITERS: dict[str, Callable[[Path, Any], None]] = {
+    ".json": _write_json,
+    ".csv": _write_csv,
+    ".jsonl": _write_jsonl,
+    ".npz": _write_npz,
+    ".npy": _write_npy,
+    ".txt": _write_text,
+    ".md": _write_text,
+}
+
+
+class RunFolder:
+    """One run's output folder and the writers that fill it."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def write_data(self, case_id: str, data: dict[str, Any]) -> list[str]:
+        """Write a case's data files; returns their paths relative to the run folder."""
+        written = []
+        for name, value in data.items():
+            writer = WRITERS.get(Path(name).suffix)
+            if writer is None:
+                raise RunnerError(f"No writer for data file {name!r}; known extensions: {', '.join(WRITERS)}")
+            path = self.root / "data" / safe_name(case_id) / name
+            writer(path, value)
+            written.append(path.relative_to(self.root).as_posix())
+        return written
+
+    def write_plots(self, case_id: str, plots: dict[str, Any], dpi: int = 110) -> list[str]:
+        """Save matplotlib figures as PNG; returns their paths relative to the run folder."""
+        written = []
+        for name, figure in plots.items():
+            path = self.root / "plots" / safe_name(case_id) / (name if name.endswith(".png") else f"{name}.png")
+            write_atomic(path, lambda f, fig=figure: fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight"))
+            written.append(path.relative_to(self.root).as_posix())
+        return written
+
+    def write_json(self, name: str, value: Any) -> Path:
+        """Write a JSON file at the top of the run folder."""
+        path = self.root / name
+        _write_json(path, value)
+        return path
+
+    def write_text(self, name: str, text: str) -> Path:
+        """Write a text file at the top of the run folder."""
+        path = self.root / name
+        _write_text(path, text)
+        return path
+
+
+def spec_hash(text: str) -> str:
+    """Short content hash of the spec text."""
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def create_run_folder(output_dir: Path, spec_name: str, spec_path: Path, spec_text: str) -> RunFolder:
+    """Create ``<output_dir>/<spec name>/<timestamp>-<hash>/`` and copy the spec into it."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    root = output_dir / spec_name / f"{stamp}-{spec_hash(spec_text)}"
+    suffix = 1
+    while root.exists():
+        suffix += 1
+        root = output_dir / spec_name / f"{stamp}-{spec_hash(spec_text)}-{suffix}"
+    try:
+        root.mkdir(parents=True)
+    except OSError as exc:
+        raise RunnerError(f"Cannot create the run folder {root}: {exc.strerror}.\n"
+                          "Choose another place with --output-dir or `output.dir` in the spec.") from None
+    shutil.copyfile(spec_path, root / spec_path.name)
+    return RunFolder(root)

@@ -1,0 +1,188 @@
+"""The ``runner`` command: validate, plan, run, schema, list, show.
+
+User errors (bad specs, unknown names, unavailable resources) print a message without a traceback
+and exit 2, like pytest's usage errors. Run exit codes follow pytest: 0 all passed, 1 failures,
+2 interrupted or usage error, 5 no case selected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from rich.tree import Tree
+
+from runner.errors import RunnerError, SpecError
+from runner.registry import ANALYSES, load_analyses
+
+__all__ = ["main"]
+
+NO_CASES_EXIT_CODE = 5
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="runner", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--fulltrace", action="store_true", help="show tracebacks for user errors too")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    validate = sub.add_parser("validate", help="check spec files (default: specs/)")
+    validate.add_argument("paths", nargs="*", type=Path, help="spec files or directories (recursive)")
+
+    for name, help_text in (("run", "run a spec"), ("plan", "show a spec's plan without running it")):
+        cmd = sub.add_parser(name, help=help_text)
+        cmd.add_argument("spec", type=Path)
+        cmd.add_argument("-k", dest="keyword", metavar="EXPR", help="select cases like pytest -k (and/or/not)")
+        if name == "run":
+            cmd.add_argument("--collect-only", action="store_true", help="show the plan, load nothing, run nothing")
+            cmd.add_argument("-x", "--exitfirst", action="store_true", help="stop at the first failed case")
+            cmd.add_argument("-q", "--quiet", action="count", default=0, help="less output")
+            cmd.add_argument("-v", "--verbose", action="count", default=0, help="more output")
+            cmd.add_argument("--output-dir", type=Path, help="parent of run folders (default: the spec's output.dir)")
+            cmd.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override the spec's model.device")
+
+    sub.add_parser("schema", help="print the JSON Schema of spec files")
+    sub.add_parser("list", help="list registered analyses")
+    show = sub.add_parser("show", help="show an analysis' parameters")
+    show.add_argument("name")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``runner`` console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    # soft_wrap: never break a `file:line:col: field: message` line, so it stays clickable and greppable
+    out, err = Console(highlight=False, soft_wrap=True), Console(stderr=True, highlight=False, soft_wrap=True)
+    try:
+        load_analyses()
+        return COMMANDS[args.command](args, out)
+    except RunnerError as exc:
+        if args.fulltrace:
+            err.print_exception()
+        err.print(f"[red]ERROR:[/red] {escape(str(exc))}")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        err.print("[yellow]Interrupted.[/yellow]")
+        return 2
+
+
+def _validate(args: argparse.Namespace, out: Console) -> int:
+    from runner.loader import find_spec_files
+
+    paths = find_spec_files(args.paths or [Path("specs")])
+    if not paths:
+        raise RunnerError(f"No spec files (*.yaml, *.yml) found in {', '.join(map(str, args.paths or ['specs']))}.")
+    failed = 0
+    for path in paths:
+        try:
+            plan = _load_plan(path)
+        except SpecError as exc:
+            failed += 1
+            out.print(f"[red]FAILED[/red] {escape(str(path))}")
+            out.print(escape(str(exc)), soft_wrap=True)
+            continue
+        out.print(f"[green]ok[/green]     {escape(str(path))} ({len(plan.cases)} cases)")
+    out.print(f"{len(paths) - failed} valid, {failed} invalid")
+    return 2 if failed else 0
+
+
+def _load_plan(path: Path, keyword: str | None = None) -> Any:
+    from runner.loader import load_spec
+    from runner.planner import build_plan, select_cases
+
+    spec, doc = load_spec(path)
+    return select_cases(build_plan(spec, doc), keyword)
+
+
+def _plan(args: argparse.Namespace, out: Console) -> int:
+    plan = _load_plan(args.spec, args.keyword)
+    print_plan(plan, out)
+    return 0 if plan.cases else NO_CASES_EXIT_CODE
+
+
+def print_plan(plan: Any, out: Console) -> None:
+    """The plan as a tree, like ``pytest --collect-only``."""
+    from runner.models import describe_model
+
+    spec = plan.spec
+    source = describe_model(spec.model.name)
+    tree = Tree(f"[bold]<Spec {escape(spec.name)}>[/bold] {escape(plan.source)}")
+    tree.add(f"model: {escape(spec.model.name)} ({source['kind']}: {escape(source['location'])}), "
+             f"device {spec.model.device}, {spec.model.dtype}")
+    tree.add(f"dataset: {escape(spec.dataset.name)}, {spec.dataset.max_passages} passages × "
+             f"{spec.dataset.max_len} tokens")
+    steps: dict[str, Any] = {}
+    for case in plan.cases:
+        if case.step.id not in steps:
+            steps[case.step.id] = tree.add(f"<Step {escape(case.step.id)}: {escape(case.analysis)}>")
+        node = steps[case.step.id].add(f"<Case {escape(case.id)}>")
+        for check in case.checks:
+            node.add(f"[dim]expect: {escape(check.expression.text)}[/dim]")
+    out.print(tree)
+    deselected = f", {len(plan.deselected)} deselected" if plan.deselected else ""
+    out.print(f"{len(plan.cases)} cases collected{deselected}")
+
+
+def _run(args: argparse.Namespace, out: Console) -> int:
+    plan = _load_plan(args.spec, args.keyword)
+    if args.collect_only:
+        return _plan(args, out)
+    if not plan.cases:
+        out.print(f"no cases selected ({len(plan.deselected)} deselected by -k {args.keyword!r})")
+        return NO_CASES_EXIT_CODE
+    from runner.session import run_session
+
+    return run_session(plan, args, out)
+
+
+def _schema(args: argparse.Namespace, out: Console) -> int:
+    from runner.schema import spec_json_schema
+
+    print(json.dumps(spec_json_schema(), indent=2))
+    return 0
+
+
+def _list(args: argparse.Namespace, out: Console) -> int:
+    table = Table("analysis", "what it does", box=None)
+    for name in ANALYSES.names():
+        table.add_row(name, ANALYSES.get(name).summary)
+    out.print(table)
+    return 0
+
+
+def _show(args: argparse.Namespace, out: Console) -> int:
+    item = ANALYSES.get(args.name)
+    out.print(f"[bold]{item.name}[/bold] — {escape(item.summary)}\n")
+    table = Table("parameter", "type", "default", "description")
+    for field_name, info in item.params_model.model_fields.items():
+        default = "required" if info.is_required() else repr(info.get_default(call_default_factory=True))
+        table.add_row(field_name, escape(type_name(info.annotation)), escape(default), escape(info.description or ""))
+    out.print(table)
+    return 0
+
+
+def type_name(annotation: Any) -> str:
+    """A readable type: ``Literal['a', 'b']`` → ``'a' | 'b'``, ``tuple[int, ...]`` → ``indices``."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin is typing.Annotated:
+        return "indices ('0-23', '0,5,10')" if args[0] == tuple[int, ...] else type_name(args[0])
+    if args:
+        return " | ".join(type_name(a) for a in args) if origin in (typing.Union, type(int | None)) else str(
+            annotation).replace("typing.", "")
+    return getattr(annotation, "__name__", str(annotation)).replace("NoneType", "None")
+
+
+COMMANDS = {"validate": _validate, "plan": _plan, "run": _run, "schema": _schema, "list": _list, "show": _show}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""Console output in pytest's shape: a header, one line per case, failures, then the summary line.
+
+Progress bars (cases, and batches within a case) are drawn with rich on a terminal and left out
+when the output is a file or a CI log.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from runner.executor import CaseResult, RunResult
+from runner.planner import Case, Plan
+
+__all__ = ["ConsoleReporter", "summary_line"]
+
+STYLES = {"passed": "green", "failed": "red", "error": "red", "not run": "yellow"}
+LABELS = {"passed": "PASSED", "failed": "FAILED", "error": "ERROR", "not run": "NOT RUN"}
+
+
+def summary_line(run: RunResult, deselected: int) -> str:
+    """``3 passed, 1 failed, 2 deselected in 42.1s`` (pytest's wording and order)."""
+    counts = {s: run.count(s) for s in ("failed", "passed", "error", "not run")}
+    parts = [f"{n} {s}s" if s == "error" and n > 1 else f"{n} {s}" for s, n in counts.items() if n]
+    if deselected:
+        parts.append(f"{deselected} deselected")
+    if not parts:
+        parts = ["no cases ran"]
+    return f"{', '.join(parts)} in {run.duration:.1f}s"
+
+
+class ConsoleReporter:
+    """Prints the run like pytest; ``verbosity`` -1 (``-q``), 0, or 1 (``-v``)."""
+
+    def __init__(self, console: Console | None = None, verbosity: int = 0) -> None:
+        self.console = console or Console(highlight=False)
+        self.verbosity = verbosity
+        self._progress: Progress | None = None
+        self._cases_task: Any = None
+
+    @property
+    def live(self) -> bool:
+        """Whether progress bars are drawn."""
+        return self.console.is_terminal and self.verbosity >= 0
+
+    def header(self, plan: Plan, run_dir: str) -> None:
+        """The session header: spec, model, data, number of cases, run folder."""
+        if self.verbosity < 0:
+            return
+        spec = plan.spec
+        self.console.rule(f"runner: {escape(spec.name)}")
+        self.console.print(f"spec: {escape(plan.source)}   model: {escape(spec.model.name)}   "
+                           f"dataset: {escape(spec.dataset.name)}   seed: {spec.seed}")
+        deselected = f" / {len(plan.deselected)} deselected" if plan.deselected else ""
+        self.console.print(f"collected {len(plan.cases) + len(plan.deselected)} cases{deselected}")
+        self.console.print(f"run folder: {escape(run_dir)}\n")
+
+    @contextmanager
+    def running(self, total: int) -> Iterator[None]:
+        """Show the cases bar for the duration of the run."""
+        if not self.live:
+            yield
+            return
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+        with Progress(*columns, console=self.console, transient=True) as progress:
+            self._progress = progress
+            self._cases_task = progress.add_task("cases", total=total)
+            try:
+                yield
+            finally:
+                self._progress = None
+
+    def status(self, message: str) -> AbstractContextManager[Any]:
+        """A spinner (or a plain line) while a resource loads."""
+        if self.verbosity < 0:
+            return nullcontext()
+        if self._progress is not None:
+            self._progress.console.print(f"[dim]{escape(message)}…[/dim]")
+            return nullcontext()
+        return self.console.status(escape(message)) if self.live else _printing(self.console, message)
+
+    def case_started(self, case: Case) -> None:
+        """Name the running case on the cases bar."""
+        if self._progress is not None:
+            self._progress.update(self._cases_task, description=escape(case.id))
+
+    def progress(self, items: Iterable[Any], total: int | None, description: str) -> Iterator[Any]:
+        """Advance an inner bar (e.g. batches) while iterating."""
+        if self._progress is None:
+            yield from items
+            return
+        task = self._progress.add_task(f"  {escape(description)}", total=total)
+        try:
+            for item in items:
+                yield item
+                self._progress.advance(task)
+        finally:
+            self._progress.remove_task(task)
+
+    def case_finished(self, result: CaseResult) -> None:
+        """One line per case (``-q`` prints only failures), then notes."""
+        if self._progress is not None:
+            self._progress.advance(self._cases_task)
+        if self.verbosity < 0 and result.status == "passed":
+            return
+        style = STYLES[result.status]
+        self.console.print(f"{escape(result.case.id)} [{style}]{LABELS[result.status]}[/{style}] "
+                           f"[dim]({result.duration:.1f}s)[/dim]")
+        for note in result.notes if self.verbosity >= 0 else ():
+            self.console.print(f"  [yellow]note:[/yellow] {escape(note)}")
+        if self.verbosity > 0:
+            for check in result.checks:
+                mark = "[green]✓[/green]" if check.passed else "[red]✗[/red]"
+                self.console.print(f"  {mark} {escape(check.name)}")
+
+    def finish(self, run: RunResult, plan: Plan, run_dir: str, fulltrace: bool = False) -> None:
+        """Failures and errors in detail, the run folder, and the summary line."""
+        self._details(run, fulltrace)
+        if run.interrupted:
+            self.console.print("[yellow]Interrupted: finished cases are saved; the run folder is valid.[/yellow]")
+        if run.aborted:
+            self.console.print(f"[red]Run aborted:[/red] {escape(run.aborted)}")
+        if self.verbosity >= 0:
+            self.console.print(f"report: {escape(run_dir)}/report.md")
+        bad = run.count("failed") or run.count("error") or run.interrupted or run.aborted
+        style = "red" if bad else "green" if run.results else "yellow"
+        self.console.rule(f"[{style}]{escape(summary_line(run, len(plan.deselected)))}[/{style}]", style=style)
+
+    def _details(self, run: RunResult, fulltrace: bool) -> None:
+        failed = [r for r in run.results if r.status in {"failed", "error"}]
+        if not failed:
+            return
+        self.console.rule("FAILURES", characters="=")
+        for result in failed:
+            self.console.rule(f"[red]{escape(result.case.id)}[/red]", characters="_")
+            for check in result.checks:
+                if not check.passed:
+                    self.console.print(f"[red]expectation failed:[/red] {escape(check.name)}")
+                    self.console.print(escape(check.explanation))
+            if result.error:
+                text = result.traceback if (fulltrace and result.traceback) else result.error
+                self.console.print(escape(text))
+                if result.traceback and not fulltrace:
+                    self.console.print("[dim](full traceback in manifest.json; or rerun with --fulltrace)[/dim]")
+
+
+@contextmanager
+def _printing(console: Console, message: str) -> Iterator[None]:
+    console.print(f"{message}…")
+    yield

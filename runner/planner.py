@@ -1,0 +1,287 @@
+"""Planning: a validated spec → a frozen :class:`Plan` of cases, like pytest's collection.
+
+Sweeps expand into cases with pytest-like ids (``importance[aggregate_by=gradients-layers=0-5]``).
+Every case's params are validated against its analysis' params model here, so that `runner validate`
+and ``--collect-only`` catch every spec problem without loading a model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from runner.errors import ExpressionError, SpecError, SpecProblem
+from runner.expressions import Expression, parse_expression
+from runner.keywords import compile_keyword_expression
+from runner.loader import Loc, SpecDocument, problems_from, sort_problems
+from runner.registry import ANALYSES, did_you_mean
+from runner.spec import DatasetSpec, ExperimentSpec, ModelSpec, StepSpec, SweepSpec
+
+__all__ = ["Case", "Plan", "build_plan", "select_cases"]
+
+SPEC_SWEEP_ROOTS = {"seed", "model", "dataset"}
+
+
+@dataclass(frozen=True)
+class Check:
+    """One expectation bound to a case."""
+
+    name: str
+    expression: Expression
+
+
+@dataclass(frozen=True)
+class Case:
+    """One run of one analysis with fully resolved params and resources."""
+
+    id: str
+    step: StepSpec
+    params: BaseModel
+    model: ModelSpec
+    dataset: DatasetSpec
+    seed: int
+    sweep_values: dict[str, Any]
+    checks: tuple[Check, ...] = ()
+
+    @property
+    def analysis(self) -> str:
+        """The registered analysis name."""
+        return self.step.analysis
+
+    def keywords(self) -> list[str]:
+        """Strings that ``-k`` matches against (substring, case-insensitive)."""
+        return [self.id, self.step.id, self.analysis]
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able description for the manifest and ``--collect-only``."""
+        return {
+            "id": self.id,
+            "step": self.step.id,
+            "analysis": self.analysis,
+            "params": self.params.model_dump(mode="json"),
+            "sweep_values": self.sweep_values,
+            "model": self.model.model_dump(mode="json"),
+            "dataset": self.dataset.model_dump(mode="json"),
+            "seed": self.seed,
+            "expectations": [{"name": c.name, "that": c.expression.text} for c in self.checks],
+        }
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The cases of a spec in execution order, plus those ``-k`` deselected."""
+
+    spec: ExperimentSpec
+    source: str
+    cases: tuple[Case, ...]
+    deselected: tuple[Case, ...] = field(default=())
+
+    def describe(self) -> list[dict[str, Any]]:
+        """JSON-able list of selected cases."""
+        return [case.describe() for case in self.cases]
+
+
+def build_plan(spec: ExperimentSpec, doc: SpecDocument) -> Plan:
+    """Expand ``spec`` into cases, validating params, sweeps and expectations; raise :class:`SpecError`."""
+    problems: list[SpecProblem] = []
+    checks = _checks(spec, doc, problems)
+    _check_steps(spec, doc, problems)
+    cases: list[Case] = []
+    if not problems:
+        for resources in _spec_variants(spec, doc, problems):
+            for index, step in enumerate(spec.steps):
+                cases.extend(_step_cases(step, index, resources, checks.get(step.id, ()), doc, problems))
+    if problems:
+        raise SpecError(sort_problems(_unique(problems)))
+    return Plan(spec, doc.path, tuple(_dedupe_ids(cases)))
+
+
+def select_cases(plan: Plan, keyword: str | None) -> Plan:
+    """Keep the cases matching a pytest ``-k`` expression."""
+    if not keyword:
+        return plan
+    matches = compile_keyword_expression(keyword)
+    kept = tuple(c for c in plan.cases if matches(c.keywords()))
+    dropped = tuple(c for c in plan.cases if not matches(c.keywords()))
+    return Plan(plan.spec, plan.source, kept, plan.deselected + dropped)
+
+
+def _check_steps(spec: ExperimentSpec, doc: SpecDocument, problems: list[SpecProblem]) -> None:
+    seen: dict[str, int] = {}
+    for index, step in enumerate(spec.steps):
+        if step.id in seen:
+            problems.append(doc.problem(("steps", index, "id"), f"step id {step.id!r} is already used by "
+                                        f"steps[{seen[step.id]}]; step ids must be unique"))
+        seen.setdefault(step.id, index)
+        if step.analysis not in ANALYSES:
+            problems.append(doc.problem(("steps", index, "analysis"), ANALYSES.unknown_message(step.analysis)
+                                        + "\nRun `runner list` to see every analysis."))
+
+
+def _checks(spec: ExperimentSpec, doc: SpecDocument, problems: list[SpecProblem]) -> dict[str, tuple[Check, ...]]:
+    ids = [s.id for s in spec.steps]
+    out: dict[str, list[Check]] = {}
+    for index, exp in enumerate(spec.expectations):
+        if exp.step not in ids:
+            problems.append(doc.problem(("expectations", index, "step"),
+                                        f"no step {exp.step!r}.{did_you_mean(exp.step, ids)} Steps: {', '.join(ids)}"))
+            continue
+        try:
+            expression = parse_expression(exp.that)
+        except ExpressionError as exc:
+            problems.append(doc.problem(("expectations", index, "that"), str(exc)))
+            continue
+        out.setdefault(exp.step, []).append(Check(exp.name or exp.that, expression))
+    return {k: tuple(v) for k, v in out.items()}
+
+
+@dataclass(frozen=True)
+class _Resources:
+    model: ModelSpec
+    dataset: DatasetSpec
+    seed: int
+    values: dict[str, Any]
+
+
+def _spec_variants(spec: ExperimentSpec, doc: SpecDocument, problems: list[SpecProblem]) -> Iterator[_Resources]:
+    if spec.sweep is None:
+        yield _Resources(spec.model, spec.dataset, spec.seed, {})
+        return
+    for combo, locs in _combinations(spec.sweep, ("sweep",)):
+        resources = _apply_spec_values(spec, combo, locs, doc, problems)
+        if resources is not None:
+            yield resources
+
+
+def _apply_spec_values(
+    spec: ExperimentSpec, combo: dict[str, Any], locs: dict[str, Loc], doc: SpecDocument,
+    problems: list[SpecProblem],
+) -> _Resources | None:
+    sections: dict[str, dict[str, Any]] = {"model": spec.model.model_dump(), "dataset": spec.dataset.model_dump()}
+    seed = spec.seed
+    for key, value in combo.items():
+        root, _, leaf = key.partition(".")
+        if key == "seed":
+            seed = value
+        elif root in sections and leaf in sections[root]:
+            sections[root][leaf] = value
+        else:
+            problems.append(doc.problem(locs[key], "a spec-level sweep key must be `seed`, `model.<field>` or "
+                                        f"`dataset.<field>`.{did_you_mean(key, _spec_sweep_keys(spec))}", key=True))
+            return None
+    try:
+        return _Resources(ModelSpec(**sections["model"]), DatasetSpec(**sections["dataset"]), int(seed), combo)
+    except (ValidationError, ValueError, TypeError) as exc:
+        problems.append(doc.problem(("sweep",), f"a swept value is invalid: {exc}"))
+        return None
+
+
+def _spec_sweep_keys(spec: ExperimentSpec) -> list[str]:
+    return ["seed", *(f"model.{f}" for f in ModelSpec.model_fields), *(f"dataset.{f}" for f in DatasetSpec.model_fields)]
+
+
+def _step_cases(
+    step: StepSpec, index: int, resources: _Resources, checks: tuple[Check, ...], doc: SpecDocument,
+    problems: list[SpecProblem],
+) -> Iterator[Case]:
+    params_model = ANALYSES.get(step.analysis).params_model
+    combos = _combinations(step.sweep, ("steps", index, "sweep")) if step.sweep else iter([({}, {})])
+    for combo, locs in combos:
+        unknown = [k for k in combo if k not in params_model.model_fields]
+        for key in unknown:
+            fields = list(params_model.model_fields)
+            problems.append(doc.problem(locs[key], f"{step.analysis} has no parameter {key!r}."
+                                        f"{did_you_mean(key, fields)} Parameters: {', '.join(fields)}", key=True))
+        if unknown:
+            return
+        params = _validate_params(params_model, {**step.params, **combo}, locs, index, doc, problems)
+        if params is not None:
+            values = {**resources.values, **combo}
+            yield Case(_case_id(step.id, values), step, params, resources.model, resources.dataset,
+                       resources.seed, values, checks)
+
+
+def _validate_params(
+    model: type[BaseModel], values: dict[str, Any], sweep_locs: dict[str, Loc], index: int, doc: SpecDocument,
+    problems: list[SpecProblem],
+) -> BaseModel | None:
+    try:
+        return model.model_validate(values)
+    except ValidationError as exc:
+        for problem in problems_from(exc, doc, model, ("steps", index, "params")):
+            problems.append(_relocate_to_sweep(problem, exc, sweep_locs, doc))
+        return None
+
+
+def _relocate_to_sweep(
+    problem: SpecProblem, exc: ValidationError, sweep_locs: dict[str, Loc], doc: SpecDocument
+) -> SpecProblem:
+    key = problem.field.split(".params.", 1)[-1].split(".")[0].split("[")[0]
+    if key in sweep_locs:
+        return SpecProblem(doc.locate(sweep_locs[key]), problem.field, problem.message + " (value from the sweep)")
+    return problem
+
+
+def _combinations(sweep: SweepSpec, base: Loc) -> Iterator[tuple[dict[str, Any], dict[str, Loc]]]:
+    """Every (values, value locations) of a sweep: product axes, then the zip group as one axis."""
+    axes: list[list[tuple[dict[str, Any], dict[str, Loc]]]] = [
+        [({k: v}, {k: (*base, "product", k, i)}) for i, v in enumerate(vs)] for k, vs in sweep.product.items()
+    ]
+    if sweep.zip:
+        n = len(next(iter(sweep.zip.values())))
+        axes.append([({k: vs[i] for k, vs in sweep.zip.items()},
+                      {k: (*base, "zip", k, i) for k in sweep.zip}) for i in range(n)])
+    for picks in itertools.product(*axes):
+        values: dict[str, Any] = {}
+        locs: dict[str, Loc] = {}
+        for v, loc in picks:
+            values.update(v)
+            locs.update(loc)
+        yield values, locs
+
+
+def _case_id(step_id: str, values: dict[str, Any]) -> str:
+    if not values:
+        return step_id
+    return f"{step_id}[{'-'.join(f'{k}={_id_part(v)}' for k, v in values.items())}]"
+
+
+def _id_part(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        return ",".join(_id_part(v) for v in value)
+    if isinstance(value, dict):
+        return ",".join(f"{k}:{_id_part(v)}" for k, v in value.items())
+    return str(value).replace(" ", "_")
+
+
+def _dedupe_ids(cases: list[Case]) -> list[Case]:
+    """Make repeated ids unique as pytest does: a counter, after ``_`` when the id ends in a digit."""
+    counts: dict[str, int] = {}
+    for case in cases:
+        counts[case.id] = counts.get(case.id, 0) + 1
+    taken = set(counts)
+    next_suffix: dict[str, int] = {}
+    out = []
+    for case in cases:
+        if counts[case.id] > 1:
+            inner, bracket = (case.id[:-1], "]") if case.id.endswith("]") else (case.id, "")
+            sep = "_" if inner[-1:].isdigit() else ""
+            n = next_suffix.get(case.id, 0)
+            while f"{inner}{sep}{n}{bracket}" in taken:
+                n += 1
+            next_suffix[case.id] = n + 1
+            new_id = f"{inner}{sep}{n}{bracket}"
+            taken.add(new_id)
+            case = dataclasses.replace(case, id=new_id)
+        out.append(case)
+    return out
+
+
+def _unique(problems: list[SpecProblem]) -> list[SpecProblem]:
+    return list(dict.fromkeys(problems))
+

@@ -1,0 +1,147 @@
+"""Registries of named things, and the ``@analysis`` decorator that fills the analysis registry.
+
+A :class:`Registry` refuses duplicate names (naming both definitions) and answers an unknown name
+with close matches and the full list, the way ``lm-evaluation-harness`` does.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import pkgutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel
+
+from runner.errors import RunnerError
+
+__all__ = ["ANALYSES", "Analysis", "Registry", "analysis", "close_matches", "load_analyses"]
+
+T = TypeVar("T")
+
+
+def close_matches(name: str, candidates: list[str], n: int = 3) -> list[str]:
+    """Names in ``candidates`` that look like a misspelling of ``name``."""
+    by_lower = {c.lower(): c for c in candidates}
+    return [by_lower[m] for m in difflib.get_close_matches(name.lower(), list(by_lower), n=n, cutoff=0.6)]
+
+
+def did_you_mean(name: str, candidates: list[str]) -> str:
+    """``" Did you mean 'x'?"`` or an empty string."""
+    matches = close_matches(name, candidates)
+    return f" Did you mean {' or '.join(repr(m) for m in matches)}?" if matches else ""
+
+
+class Registry(Generic[T]):
+    """A name → object mapping that explains itself when a lookup fails."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._items: dict[str, T] = {}
+        self._origins: dict[str, str] = {}
+
+    def add(self, name: str, item: T, origin: str) -> None:
+        """Register ``item`` under ``name``; ``origin`` names its definition for error messages."""
+        if name in self._items:
+            raise RunnerError(
+                f"Duplicate {self.kind} name {name!r}: defined by {self._origins[name]} and by {origin}.\n"
+                "Rename one of them."
+            )
+        self._items[name] = item
+        self._origins[name] = origin
+
+    def get(self, name: str) -> T:
+        """The item called ``name``, or a :class:`RunnerError` suggesting close names."""
+        try:
+            return self._items[name]
+        except KeyError:
+            raise RunnerError(self.unknown_message(name)) from None
+
+    def unknown_message(self, name: str) -> str:
+        """``Unknown analysis 'x'. Did you mean 'y'? Available: a, b, c``."""
+        available = ", ".join(sorted(self._items)) or "(none)"
+        return f"Unknown {self.kind} {name!r}.{did_you_mean(name, list(self._items))} Available: {available}"
+
+    def names(self) -> list[str]:
+        """All registered names, sorted."""
+        return sorted(self._items)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """A registered analysis: a params model and the function that computes it."""
+
+    name: str
+    func: Callable[..., Any]
+    params_model: type[BaseModel]
+    doc: str
+    needs: frozenset[str]
+
+    @property
+    def summary(self) -> str:
+        """The first line of the docstring."""
+        return self.doc.strip().splitlines()[0] if self.doc.strip() else ""
+
+
+ANALYSES: Registry[Analysis] = Registry("analysis")
+
+RESOURCES = frozenset({"model", "dataset"})
+
+
+def analysis(
+    name: str, *, params: type[BaseModel], needs: tuple[str, ...] = ("model", "dataset")
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register ``func(ctx, params) -> StepOutput`` as the analysis ``name``.
+
+    Checked at decoration time so that a malformed analysis fails when it is imported, naming the
+    definition: the function takes ``(ctx, params)``, has a docstring, and ``params`` is a frozen
+    Pydantic model that forbids extra keys.
+    """
+
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        origin = f"{func.__module__}.{func.__qualname__}"
+        _check_definition(name, func, params, needs, origin)
+        ANALYSES.add(name, Analysis(name, func, params, inspect.getdoc(func) or "", frozenset(needs)), origin)
+        return func
+
+    return decorate
+
+
+def _check_definition(
+    name: str, func: Callable[..., Any], params: type[BaseModel], needs: tuple[str, ...], origin: str
+) -> None:
+    problems = []
+    if list(inspect.signature(func).parameters) != ["ctx", "params"]:
+        problems.append("its signature must be (ctx, params)")
+    if not inspect.getdoc(func):
+        problems.append("it needs a docstring (its first line is shown by `runner list`)")
+    if not (isinstance(params, type) and issubclass(params, BaseModel)):
+        problems.append("params= must be a pydantic BaseModel subclass")
+    elif params.model_config.get("extra") != "forbid" or not params.model_config.get("frozen"):
+        problems.append(f"{params.__name__} must set model_config = ConfigDict(extra='forbid', frozen=True)")
+    unknown = set(needs) - RESOURCES
+    if unknown:
+        problems.append(f"needs= has unknown resources {sorted(unknown)}; known: {sorted(RESOURCES)}")
+    if problems:
+        raise RunnerError(f"Analysis {name!r} defined at {origin} is malformed: " + "; ".join(problems))
+
+
+def load_analyses(package: str = "analyses") -> Registry[Analysis]:
+    """Import every module of ``package`` so that their ``@analysis`` decorators run."""
+    pkg = importlib.import_module(package)
+    for info in pkgutil.iter_modules(pkg.__path__, prefix=f"{package}."):
+        if not info.name.rsplit(".", 1)[-1].startswith("_"):
+            importlib.import_module(info.name)
+    return ANALYSES

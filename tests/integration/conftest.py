@@ -1,0 +1,83 @@
+"""Fixtures for CLI tests: a toy analysis that needs no model, and spec-file helpers."""
+
+from __future__ import annotations
+
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from matplotlib.figure import Figure
+from pydantic import BaseModel, ConfigDict
+
+from runner.registry import ANALYSES, analysis
+from runner.step import StepOutput
+
+
+class ToyParams(BaseModel):
+    """Parameters of the toy analysis used by the CLI tests."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    value: float = 1.0
+    """A number echoed into the summary."""
+    n: int = 3
+    """Length of the array written."""
+    fail: bool = False
+    """Raise inside the analysis."""
+    interrupt: bool = False
+    """Raise KeyboardInterrupt, as Ctrl-C would."""
+    sleep: float = 0.0
+    """Seconds to wait."""
+
+
+def toy(ctx, params):
+    """Echo a value, write a CSV, an NPZ and a plot (test-only analysis)."""
+    if params.interrupt:
+        raise KeyboardInterrupt
+    if params.fail:
+        raise ValueError(f"toy failure for value {params.value}")
+    time.sleep(params.sleep)
+    squares = [params.value * i * i for i in range(params.n)]
+    figure = Figure()
+    figure.add_subplot().plot(squares)
+    ctx.note(f"toy ran with n={params.n}")
+    return StepOutput(
+        summary={"value": params.value, "squares": squares, "layers": {0: {"max": max(squares)}}},
+        data={"rows.csv": [{"i": i, "square": s} for i, s in enumerate(squares)],
+              "rows.jsonl": [{"i": i} for i in range(params.n)],
+              "arrays.npz": {"squares": squares}},
+        plots={"squares.png": figure},
+    )
+
+
+if "toy" not in ANALYSES:
+    analysis("toy", params=ToyParams, needs=())(toy)
+
+
+@pytest.fixture
+def write_spec(tmp_path: Path):
+    """Write a spec file from an indented YAML string; returns its path."""
+
+    def write(text: str, name: str = "spec.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(textwrap.dedent(text).lstrip())
+        return path
+
+    return write
+
+
+@pytest.fixture
+def run_cli(tmp_path: Path, monkeypatch, capsys):
+    """Run the CLI in-process from ``tmp_path``; returns (exit code, stdout, stderr)."""
+    from runner.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COLUMNS", "200")
+
+    def run(*args: str) -> tuple[int, str, str]:
+        code = main([str(a) for a in args])
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run
