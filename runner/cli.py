@@ -125,7 +125,7 @@ def print_plan(plan: Any, out: Console) -> None:
         node = steps[case.step.id].add(f"<Case {escape(case.id)}>")
         for check in case.checks:
             node.add(f"[dim]expect: {escape(check.expression.text)}[/dim]")
-    out.print(tree)
+    out.print(tree, crop=False)
     deselected = f", {len(plan.deselected)} deselected" if plan.deselected else ""
     out.print(f"{len(plan.cases)} cases collected{deselected}")
 
@@ -160,11 +160,10 @@ def _list(args: argparse.Namespace, out: Console) -> int:
 def _show(args: argparse.Namespace, out: Console) -> int:
     item = ANALYSES.get(args.name)
     out.print(f"[bold]{item.name}[/bold] — {escape(item.summary)}\n")
-    table = Table("parameter", "type", "default", "description")
     for field_name, info in item.params_model.model_fields.items():
-        default = "required" if info.is_required() else repr(info.get_default(call_default_factory=True))
-        table.add_row(field_name, escape(type_name(info.annotation)), escape(default), escape(info.description or ""))
-    out.print(table)
+        default = "required" if info.is_required() else f"= {info.get_default(call_default_factory=True)!r}"
+        out.print(f"[bold]{field_name}[/bold]: {escape(type_name(info.annotation))} {escape(default)}")
+        out.print(f"    {escape(' '.join((info.description or '').replace('``', '`').split()))}")
     return 0
 
 

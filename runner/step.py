@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from runner.datasets import TokenDataset
     from runner.models import LoadedModel
 
-__all__ = ["StepContext", "StepOutput"]
+__all__ = ["FinishedCase", "StepContext", "StepOutput"]
 
 T = TypeVar("T")
 
@@ -42,6 +42,17 @@ class StepOutput:
     notes: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class FinishedCase:
+    """An earlier case of this run, as a later step sees it (see :meth:`StepContext.outputs`)."""
+
+    id: str
+    step_id: str
+    params: Any
+    model_name: str
+    output: StepOutput
+
+
 class StepContext:
     """Everything a case may use: run-scoped resources, the seed, progress and notes.
 
@@ -57,12 +68,14 @@ class StepContext:
         device: str,
         resources: Callable[[str], Any],
         progress: Callable[[Iterable[Any], int | None, str], Iterator[Any]] | None = None,
+        finished: Callable[[str], list[FinishedCase]] | None = None,
     ) -> None:
         self.case_id = case_id
         self.seed = seed
         self.device = device
         self._resources = resources
         self._progress = progress
+        self._finished = finished or (lambda step_id: [])
         self.notes: list[str] = []
 
     @property
@@ -78,6 +91,22 @@ class StepContext:
     def resource(self, kind: str) -> Any:
         """The run-scoped resource ``kind`` (``"model"`` or ``"dataset"``) for this case."""
         return self._resources(kind)
+
+    def outputs(self, step_id: str) -> list[FinishedCase]:
+        """The finished cases of an earlier step of this run (e.g. weights a detection step found).
+
+        Raises a user-facing error when that step has no finished case: it must come earlier in
+        ``steps`` and succeed.
+        """
+        from runner.errors import RunnerError
+
+        found = self._finished(step_id)
+        if not found:
+            raise RunnerError(
+                f"Step {step_id!r} has no finished case in this run, but case {self.case_id} needs its results.\n"
+                f"List {step_id!r} before this step in `steps`, and check that it succeeded."
+            )
+        return found
 
     def progress(self, items: Iterable[T], total: int | None = None, description: str = "batches") -> Iterator[T]:
         """Iterate ``items`` while advancing the run's inner progress bar."""

@@ -51,8 +51,24 @@ def toy(ctx, params):
     )
 
 
+class ToyTotalParams(BaseModel):
+    """Parameters of the toy analysis that reads an earlier step."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str
+    """The step whose `value`s are summed."""
+
+
+def toy_total(ctx, params):
+    """Sum the `value` of every finished case of an earlier step (test-only analysis)."""
+    cases = ctx.outputs(params.source)
+    return StepOutput(summary={"total": sum(c.output.summary["value"] for c in cases), "cases": [c.id for c in cases]})
+
+
 if "toy" not in ANALYSES:
     analysis("toy", params=ToyParams, needs=())(toy)
+    analysis("toy_total", params=ToyTotalParams, needs=())(toy_total)
 
 
 @pytest.fixture

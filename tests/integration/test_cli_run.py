@@ -157,3 +157,50 @@ def test_spec_level_sweep_over_seed_names_cases(write_spec, run_cli, tmp_path):
     manifest = json.loads((only_run_folder(tmp_path, "seeds") / "manifest.json").read_text())
     assert list(manifest["cases"]) == ["toy[seed=1]", "toy[seed=2]"]
     assert manifest["seeds"] == [1, 2]
+
+
+def test_step_sweep_may_vary_resources_per_case(write_spec, run_cli):
+    spec = write_spec("""
+        name: resources
+        steps:
+          - id: toy
+            analysis: toy
+            sweep:
+              product: {seed: [3, 4], dataset.max_len: [16, 32]}
+    """)
+    code, out, _ = run_cli("plan", spec)
+    assert code == 0
+    assert "<Case toy[seed=3-dataset.max_len=16]>" in out
+    assert "4 cases collected" in out
+
+
+def test_later_step_reads_earlier_step_outputs(write_spec, run_cli, tmp_path):
+    spec = write_spec("""
+        name: chained
+        steps:
+          - id: first
+            analysis: toy
+            sweep:
+              product: {value: [1.0, 3.0]}
+          - id: total
+            analysis: toy_total
+            params: {source: first}
+        expectations:
+          - step: total
+            that: "total == 4.0 and cases == ['first[value=1.0]', 'first[value=3.0]']"
+    """)
+    code, out, _ = run_cli("run", spec, "-q")
+    assert code == 0, out
+
+
+def test_missing_upstream_step_is_a_case_error(write_spec, run_cli):
+    spec = write_spec("""
+        name: chained
+        steps:
+          - id: total
+            analysis: toy_total
+            params: {source: first}
+    """)
+    code, out, _ = run_cli("run", spec, "-q")
+    assert code == 1
+    assert "Step 'first' has no finished case in this run" in out

@@ -187,6 +187,12 @@ def test_construct_outside_the_language_is_named_with_its_column(
     assert caret_column(message) == column
 
 
+def test_is_between_two_values_suggests_double_equals() -> None:
+    message = parse_error("peak.layer is 5")
+    assert "uses `is` between two values at column 15" in message
+    assert "compare values with `==`" in message
+
+
 def test_huge_power_is_refused_at_parse_time() -> None:
     message = parse_error("10**10**10 > n")
     assert "cannot compute `10**10**10` at column 1" in message
@@ -362,7 +368,7 @@ def test_functions_accept_numpy_arrays(text: str, value: object) -> None:
 
 
 def test_numpy_index_with_slices_selects_a_column() -> None:
-    outcome = evaluate("max(x[:, 1]) == 4", {"x": np.arange(6).reshape(3, 2)})
+    outcome = evaluate("max(x[:, 1]) == 5", {"x": np.arange(6).reshape(3, 2)})
     assert outcome.passed
 
 
