@@ -94,6 +94,13 @@ def _write_npy(path: Path, value: Any) -> None:
     write_atomic(path, lambda f: np.save(f, array, allow_pickle=False))
 
 
+def _write_safetensors(path: Path, value: Any) -> None:
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in value.items()}
+    write_atomic(path, lambda f: f.write(save(tensors)))
+
+
 def _write_text(path: Path, value: Any) -> None:
     write_atomic(path, lambda f: f.write(str(value).encode()))
 
@@ -104,6 +111,7 @@ WRITERS: dict[str, Callable[[Path, Any], None]] = {
     ".jsonl": _write_jsonl,
     ".npz": _write_npz,
     ".npy": _write_npy,
+    ".safetensors": _write_safetensors,
     ".txt": _write_text,
     ".md": _write_text,
 }

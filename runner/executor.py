@@ -118,9 +118,10 @@ def run_plan(
     started = time.perf_counter()
     run = RunResult([CaseResult(case) for case in plan.cases], 0.0)
     finished: dict[str, list[FinishedCase]] = {}
+    run_cache: dict[Any, Any] = {}
     for result in run.results:
         try:
-            _run_case(result, folder, resources, reporter, finished)
+            _run_case(result, folder, resources, reporter, finished, run_cache)
         except KeyboardInterrupt:
             result.status, result.error = "not run", "interrupted by the user (Ctrl-C)"
             run.interrupted = True
@@ -138,11 +139,11 @@ def run_plan(
 
 def _run_case(
     result: CaseResult, folder: RunFolder, resources: Resources, reporter: Reporter,
-    finished: dict[str, list[FinishedCase]],
+    finished: dict[str, list[FinishedCase]], run_cache: dict[Any, Any],
 ) -> None:
     case = result.case
     reporter.case_started(case)
-    ctx = _context(case, resources, reporter, finished)
+    ctx = _context(case, resources, reporter, finished, run_cache)
     # Load what the analysis needs before the case starts: a resource that cannot be loaded aborts
     # the run (no case could use it), and loading time is not counted as the case's time.
     for kind in sorted(ANALYSES.get(case.analysis).needs):
@@ -166,7 +167,8 @@ def _run_case(
 
 
 def _context(
-    case: Case, resources: Resources, reporter: Reporter, finished: dict[str, list[FinishedCase]]
+    case: Case, resources: Resources, reporter: Reporter, finished: dict[str, list[FinishedCase]],
+    run_cache: dict[Any, Any],
 ) -> StepContext:
     def resource(kind: str) -> Any:
         if kind == "model":
@@ -177,7 +179,8 @@ def _context(
         return dataset
 
     ctx = StepContext(case_id=case.id, seed=case.seed, device=resources.device(case.model), resources=resource,
-                      progress=reporter.progress, finished=lambda step_id: list(finished.get(step_id, [])))
+                      progress=reporter.progress, finished=lambda step_id: list(finished.get(step_id, [])),
+                      run_cache=run_cache)
     return ctx
 
 

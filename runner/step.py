@@ -30,7 +30,8 @@ class StepOutput:
             ``x`` in an expression), the report shows it, the manifest stores it.
         data: file name → content, written under ``data/<case id>/``. The extension picks the
             writer: ``.csv`` and ``.jsonl`` (DataFrame or list of dicts), ``.json`` (JSON-able),
-            ``.npz`` (dict of arrays, never pickled), ``.npy`` (array), ``.txt`` (str).
+            ``.npz`` (dict of arrays, never pickled), ``.npy`` (array), ``.safetensors`` (dict of
+            torch tensors), ``.txt`` / ``.md`` (str).
         plots: file name (``.png``) → matplotlib figure, written under ``plots/<case id>/``.
         notes: things the user should know about this case (a parameter adjusted, a fallback
             taken); shown in the report and the console.
@@ -69,6 +70,7 @@ class StepContext:
         resources: Callable[[str], Any],
         progress: Callable[[Iterable[Any], int | None, str], Iterator[Any]] | None = None,
         finished: Callable[[str], list[FinishedCase]] | None = None,
+        run_cache: dict[Any, Any] | None = None,
     ) -> None:
         self.case_id = case_id
         self.seed = seed
@@ -76,6 +78,7 @@ class StepContext:
         self._resources = resources
         self._progress = progress
         self._finished = finished or (lambda step_id: [])
+        self._run_cache = run_cache if run_cache is not None else {}
         self.notes: list[str] = []
 
     @property
@@ -91,6 +94,16 @@ class StepContext:
     def resource(self, kind: str) -> Any:
         """The run-scoped resource ``kind`` (``"model"`` or ``"dataset"``) for this case."""
         return self._resources(kind)
+
+    def cached(self, key: Any, load: Callable[[], T]) -> T:
+        """``load()`` once per run for ``key`` (hashable), then the same object for every case.
+
+        For resources an analysis defines itself (e.g. SAEs): like a pytest fixture with a
+        session scope. Include everything that changes the result in ``key``.
+        """
+        if key not in self._run_cache:
+            self._run_cache[key] = load()
+        return self._run_cache[key]  # type: ignore[no-any-return]
 
     def outputs(self, step_id: str) -> list[FinishedCase]:
         """The finished cases of an earlier step of this run (e.g. weights a detection step found).

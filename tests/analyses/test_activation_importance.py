@@ -331,7 +331,9 @@ def test_csv_rows_cover_every_layer_and_variant(loaded: LoadedModel, dataset: To
     assert len(output.data["top_dimensions.csv"]) == loaded.n_layers * 2 * 3
 
 
-def test_plots_are_figures_named_like_the_seed(loaded: LoadedModel, dataset: TokenDataset) -> None:
+def test_plots_are_figures_named_like_the_seed(
+    loaded: LoadedModel, dataset: TokenDataset, tmp_path: Path
+) -> None:
     output, _ = run(loaded, dataset, aggregation_mode="both")
     assert {
         "layer_0_mean_abs_hist.png",
@@ -340,6 +342,8 @@ def test_plots_are_figures_named_like_the_seed(loaded: LoadedModel, dataset: Tok
         "importance_by_layer.png",
     } <= set(output.plots)
     assert all(isinstance(figure, Figure) for figure in output.plots.values())
+    written = RunFolder(tmp_path).write_plots("case", output.plots)
+    assert all((tmp_path / path).stat().st_size > 0 for path in written)
 
 
 # --- summary --------------------------------------------------------------------------------------
