@@ -132,7 +132,7 @@ class ConsoleReporter:
         self.console.rule(f"[{style}]{escape(summary_line(run, len(plan.deselected)))}[/{style}]", style=style)
 
     def _details(self, run: RunResult, fulltrace: bool) -> None:
-        failed = [r for r in run.results if r.status in {"failed", "error"} and r.error != run.aborted]
+        failed = [r for r in run.results if r.status in {"failed", "error"} and not (run.aborted and r.error == run.aborted)]
         if not failed:
             return
         self.console.rule("FAILURES", characters="=")
