@@ -131,11 +131,23 @@ class ActivationImportanceParams(BaseModel):
 
 @dataclass
 class Timing:
-    """Wall-clock seconds of the batch loop."""
+    """Wall-clock seconds of the batch loop (and of the whole computation, before plotting)."""
 
     batch_seconds: list[float] = field(default_factory=list)
     forward_seconds: float = 0.0
     backward_seconds: float = 0.0
+    total_seconds: float = 0.0
+
+
+@dataclass
+class Measurement:
+    """What one case computed, before it is laid out as files, summary and plots."""
+
+    results: Results
+    hooks: dict[int, str]  # layer → hook name
+    power: float | None
+    n_tokens: int
+    timing: Timing
 
 
 @analysis("activation_importance", params=ActivationImportanceParams)
@@ -148,11 +160,11 @@ def activation_importance(ctx: StepContext, params: ActivationImportanceParams) 
     power = _resolve_power(ctx, params.power)
     accumulators, timing = _accumulate(ctx, params, hooks)
     results = _variants(ctx, accumulators, params, power)
-    n_tokens = next(iter(accumulators.values())).count
-    total_seconds = time.perf_counter() - start
-    summary = _summary(ctx, params, results, n_tokens, power)
-    data = _data_files(ctx, params, results, hooks, power, n_tokens, timing, total_seconds)
-    return StepOutput(summary=summary, data=data, plots=_plots(ctx, params, results))  # notes: via ctx.note
+    timing.total_seconds = time.perf_counter() - start
+    m = Measurement(results, hooks, power, next(iter(accumulators.values())).count, timing)
+    return StepOutput(  # notes are recorded through ctx.note
+        summary=_summary(ctx, params, m), data=_data_files(ctx, params, m), plots=_plots(ctx, params, results)
+    )
 
 
 # --- parameters against the model -----------------------------------------------------------------
@@ -325,10 +337,9 @@ def _layer_summary(values: np.ndarray, top_k: int) -> dict[str, Any]:
     return {**vector_stats(values), "top": [[dim, value] for dim, value in top_by_abs(values, top_k)]}
 
 
-def _summary(
-    ctx: StepContext, params: ActivationImportanceParams, results: Results, n_tokens: int, power: float | None
-) -> dict[str, Any]:
+def _summary(ctx: StepContext, params: ActivationImportanceParams, m: Measurement) -> dict[str, Any]:
     """What expectations read: ``peak.value``, ``layers[3].mean_abs.max``, ``dims[3]``…"""
+    results = m.results
     variants = variant_names(params)
     first = variants[0]
     peak_layer = max(results, key=lambda layer: float(np.abs(results[layer][first]).max()))
@@ -341,26 +352,18 @@ def _summary(
         },
         "peak": {"layer": peak_layer, "variant": first, "dim": peak_dim, "value": peak_value},
         "dims": {layer: int(by_variant[first].size) for layer, by_variant in results.items()},
-        "n_tokens": n_tokens,
+        "n_tokens": m.n_tokens,
         "aggregate_by": params.aggregate_by,
         "site": params.site,
-        "power": power,
+        "power": m.power,
         "normalization": params.normalization,
         "model": ctx.model.name,
     }
 
 
-def _data_files(
-    ctx: StepContext,
-    params: ActivationImportanceParams,
-    results: Results,
-    hooks: dict[int, str],
-    power: float | None,
-    n_tokens: int,
-    timing: Timing,
-    total_seconds: float,
-) -> dict[str, Any]:
+def _data_files(ctx: StepContext, params: ActivationImportanceParams, m: Measurement) -> dict[str, Any]:
     """Every file of the case, under the seed's names where the seed had one."""
+    results = m.results
     data: dict[str, Any] = {}
     for layer, by_variant in results.items():
         for name, values in by_variant.items():
@@ -372,12 +375,9 @@ def _data_files(
     }
     data["per_layer_stats.csv"] = _stats_rows(results)
     data["top_dimensions.csv"] = _top_rows(results, params.top_k)
-    data["timing_stats.json"] = _timing_stats(timing, total_seconds, n_tokens)
-    data["timing_summary.txt"] = _timing_summary(ctx, timing, total_seconds, n_tokens)
-    files = [*data, "metadata.json"]
-    data["metadata.json"] = _metadata(
-        ctx, params, results, hooks, power, n_tokens, timing, total_seconds, files
-    )
+    data["timing_stats.json"] = _timing_stats(m)
+    data["timing_summary.txt"] = _timing_summary(ctx, m)
+    data["metadata.json"] = _metadata(ctx, params, m, files=[*data, "metadata.json"])
     return data
 
 
@@ -398,10 +398,11 @@ def _top_rows(results: Results, top_k: int) -> list[dict[str, Any]]:
     ]
 
 
-def _timing_stats(timing: Timing, total_seconds: float, n_tokens: int) -> dict[str, Any]:
+def _timing_stats(m: Measurement) -> dict[str, Any]:
+    timing, n_tokens = m.timing, m.n_tokens
     loop_seconds = sum(timing.batch_seconds)
     return {
-        "total_seconds": total_seconds,
+        "total_seconds": timing.total_seconds,
         "n_batches": len(timing.batch_seconds),
         "batch_seconds": timing.batch_seconds,
         "mean_batch_seconds": loop_seconds / max(len(timing.batch_seconds), 1),
@@ -412,48 +413,40 @@ def _timing_stats(timing: Timing, total_seconds: float, n_tokens: int) -> dict[s
     }
 
 
-def _timing_summary(ctx: StepContext, timing: Timing, total_seconds: float, n_tokens: int) -> str:
-    stats = _timing_stats(timing, total_seconds, n_tokens)
+def _timing_summary(ctx: StepContext, m: Measurement) -> str:
+    stats = _timing_stats(m)
     rate = f"{stats['tokens_per_second']:.0f} tokens/s" if stats["tokens_per_second"] else "n/a"
     return (
         f"activation_importance case {ctx.case_id} on {ctx.model.name}\n"
-        f"total: {total_seconds:.2f} s (before plotting)\n"
+        f"total: {stats['total_seconds']:.2f} s (before plotting)\n"
         f"batches: {stats['n_batches']}, mean {stats['mean_batch_seconds']:.3f} s per batch\n"
-        f"forward: {timing.forward_seconds:.2f} s, backward: {timing.backward_seconds:.2f} s\n"
-        f"throughput: {n_tokens} tokens, {rate}\n"
+        f"forward: {stats['forward_seconds']:.2f} s, backward: {stats['backward_seconds']:.2f} s\n"
+        f"throughput: {m.n_tokens} tokens, {rate}\n"
     )
 
 
 def _metadata(
-    ctx: StepContext,
-    params: ActivationImportanceParams,
-    results: Results,
-    hooks: dict[int, str],
-    power: float | None,
-    n_tokens: int,
-    timing: Timing,
-    total_seconds: float,
-    files: list[str],
+    ctx: StepContext, params: ActivationImportanceParams, m: Measurement, files: list[str]
 ) -> dict[str, Any]:
     """The seed's ``metadata.json`` layout, plus what the seed pickled into its npz."""
-    dataset = ctx.dataset
+    dataset, results, timing = ctx.dataset, m.results, m.timing
     return {
         "analysis_config": {
             "model_name": ctx.model.name,
             "aggregate_by": params.aggregate_by,
             "aggregation_mode": params.aggregation_mode,
-            "power": power,
+            "power": m.power,
             "power_requested": params.power,
             "normalization_mode": params.normalization,
-            "layers": list(hooks),
+            "layers": list(m.hooks),
             "site": params.site,
-            "hook_names": list(hooks.values()),
+            "hook_names": list(m.hooks.values()),
             "dataset": dataset.name,
             "dataset_fingerprint": dataset.fingerprint,
             "num_samples": len(dataset),
             "max_length": dataset.max_len,
             "batch_size": params.batch_size,
-            "n_tokens": n_tokens,
+            "n_tokens": m.n_tokens,
             "loss": "sum over batch and positions of next-token cross-entropy"
             if params.aggregate_by == "gradients"
             else None,
@@ -466,7 +459,7 @@ def _metadata(
         },
         "dimension_sizes": {str(layer): int(next(iter(v.values())).size) for layer, v in results.items()},
         "timing": {
-            "total_seconds": total_seconds,
+            "total_seconds": timing.total_seconds,
             "mean_batch_seconds": sum(timing.batch_seconds) / max(len(timing.batch_seconds), 1),
         },
         "files": files,

@@ -1,0 +1,650 @@
+"""Super weights: single MLP down-projection weights whose removal wrecks a language model.
+
+After Yu et al. 2024, "The Super Weight in Large Language Models" (arXiv:2411.07918). A super weight
+``down_proj.weight[row, col]`` of an early layer turns a large activation of neuron ``col`` into a
+"super activation" on residual channel ``row``, which then persists through the residual stream;
+zeroing that one number raises perplexity by orders of magnitude in the paper's models (Llama-7B:
+layer 2, row 3968, col 7003).
+
+Detection is the paper's data-light recipe, run on one probe text. At every layer, take the largest
+``|input|`` of the down projection (``blocks.{L}.mlp.hook_post``, d_mlp channels) and the largest
+``|output|`` (``blocks.{L}.hook_mlp_out``, d_model channels) over all probe positions. A layer where
+both exceed ``spike_threshold`` yields the candidate ``(layer, row = output channel, col = input
+channel)``. The candidates are zeroed and the probe is run again, until no new candidate appears or
+``max_iterations`` probe passes have run. Every weight is restored, bit for bit, at the end.
+
+Impact: perplexity on the spec's dataset with the model as loaded (baseline), with each super weight
+zeroed alone, with all of them zeroed, and again after restoring (it must equal the baseline
+exactly). Two controls, matched one to one with the super weights: a random coordinate of the same
+tensor (seeded by the case seed), and the largest-magnitude ordinary weight of the same tensor.
+
+Replaces the seed script ``comprehensive_super_weight_analysis.py`` and keeps its file names
+(``detection_iterations.png``, ``super_weight_distribution.png``, ``impact_comparison.png``,
+``combined_analysis.png``, ``individual_analyses/sw_{i}_analysis.json``, ``combined_analysis.json``).
+The run folder carries the timestamp, so file names do not.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+from pydantic import BaseModel, ConfigDict, Field
+
+from analyses._weights import TENSOR, SuperWeight, down_proj, perplexity, token_losses, zeroed
+from runner.errors import ResourceError
+from runner.models import LoadedModel, require_hooks
+from runner.params import Indices
+from runner.registry import analysis
+from runner.step import StepContext, StepOutput
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+__all__ = [
+    "PROBE_TEXT",
+    "Detection",
+    "Found",
+    "LayerSpike",
+    "SuperWeightsParams",
+    "detect_super_weights",
+    "measure_spikes",
+    "super_weights",
+]
+
+PROBE_TEXT = "Apple Inc. is a worldwide tech company."
+"""The probe sentence of the paper and of the seed scripts."""
+
+
+class SuperWeightsParams(BaseModel):
+    """Parameters of ``super_weights`` (the seed's flags; its ``--perplexity-samples`` is the spec's
+    ``dataset.max_passages``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    spike_threshold: float = Field(default=50.0, gt=0)
+    """A layer yields a candidate when both its largest |down-projection input| and its largest
+    |down-projection output| on the probe exceed this value (the paper's and the seed's 50)."""
+
+    max_iterations: int = Field(default=10, ge=1)
+    """Most probe passes: each zeroes everything found so far and looks again. Detection stops
+    earlier when a pass finds nothing new."""
+
+    probe_text: str = Field(default=PROBE_TEXT, min_length=1)
+    """The text whose activations are inspected (the paper's sentence by default)."""
+
+    prepend_bos: bool | None = None
+    """Start the probe with BOS. Default: as the model's tokenizer does (``model.cfg.default_prepend_bos``)."""
+
+    layers: Indices | None = None
+    """Layers to search, e.g. ``"0-26"``. Default: every layer. Controls and perplexity are unaffected."""
+
+    perplexity: bool = True
+    """Measure perplexity on the spec's dataset (baseline, each weight zeroed, all zeroed, controls,
+    restored). ``false`` is the seed's ``--skip-perplexity``: detection only."""
+
+    control_each: bool = False
+    """Also zero each weight's two controls alone (two more perplexity passes per weight). By default
+    the controls are zeroed together, as a set matched to the super weights."""
+
+    batch_size: int = Field(default=8, ge=1)
+    """Passages per forward pass when measuring perplexity. Results do not depend on it."""
+
+    top_candidates: int = Field(default=5, ge=1)
+    """How many layers with the strongest spikes of the first probe pass the summary lists as
+    ``top_candidates`` (useful when nothing passes the threshold)."""
+
+
+# --- detection ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerSpike:
+    """The largest |input| and |output| of one layer's down projection on the probe."""
+
+    layer: int
+    input_value: float
+    """Signed value of the largest-|·| entry of ``blocks.{L}.mlp.hook_post``."""
+    input_position: int
+    input_channel: int
+    """The neuron (d_mlp index): the candidate's ``col``."""
+    output_value: float
+    """Signed value of the largest-|·| entry of ``blocks.{L}.hook_mlp_out``."""
+    output_position: int
+    output_channel: int
+    """The residual channel (d_model index): the candidate's ``row``."""
+
+    def passes(self, threshold: float) -> bool:
+        """Whether both spikes exceed ``threshold``."""
+        return abs(self.input_value) > threshold and abs(self.output_value) > threshold
+
+    @property
+    def weight(self) -> SuperWeight:
+        """The candidate this spike points at."""
+        return SuperWeight(self.layer, self.output_channel, self.input_channel)
+
+
+@dataclass(frozen=True)
+class Found:
+    """A detected super weight, with the spike that revealed it."""
+
+    weight: SuperWeight
+    value: float
+    """The weight itself, ``down_proj.weight[row, col]``, as loaded."""
+    iteration: int
+    """The probe pass (0-based) that found it."""
+    spike: LayerSpike
+    token: str
+    """The probe token at the input spike's position."""
+
+
+@dataclass
+class Detection:
+    """Everything detection saw: each probe pass's spikes per layer, and what it found."""
+
+    found: list[Found]
+    passes: list[list[LayerSpike]]
+    """``passes[i]`` holds one :class:`LayerSpike` per searched layer for probe pass ``i``."""
+    converged: bool
+    """True when the last pass found nothing new (False: stopped at ``max_iterations``)."""
+    probe_tokens: list[str]
+
+
+def measure_spikes(model: HookedTransformer, tokens: torch.Tensor, layers: Sequence[int]) -> list[LayerSpike]:
+    """One forward pass over ``tokens`` (``(1, pos)``): the largest |input| and |output| per layer."""
+    peaks: dict[str, tuple[float, int, int]] = {}
+
+    def record(act: torch.Tensor, hook: Any) -> None:
+        values = act[0]  # (pos, channels)
+        flat = int(values.abs().argmax())
+        position, channel = divmod(flat, values.shape[1])
+        peaks[hook.name] = (float(values[position, channel]), position, channel)
+
+    names = [(f"blocks.{layer}.mlp.hook_post", f"blocks.{layer}.hook_mlp_out") for layer in layers]
+    hooks = [(name, record) for pair in names for name in pair]
+    with torch.no_grad():
+        model.run_with_hooks(tokens, return_type=None, stop_at_layer=max(layers) + 1, fwd_hooks=hooks)
+    return [LayerSpike(layer, *peaks[inp], *peaks[out]) for layer, (inp, out) in zip(layers, names, strict=True)]
+
+
+def detect_super_weights(
+    model: HookedTransformer,
+    tokens: torch.Tensor,
+    *,
+    layers: Sequence[int],
+    threshold: float,
+    max_iterations: int,
+    token_strings: Sequence[str] = (),
+) -> Detection:
+    """The paper's iterative detection on the probe ``tokens`` (``(1, pos)``); weights end as they began."""
+    found: list[Found] = []
+    passes: list[list[LayerSpike]] = []
+    converged = False
+    for iteration in range(max_iterations):
+        with zeroed(model, [f.weight for f in found]):
+            spikes = measure_spikes(model, tokens, layers)
+        passes.append(spikes)
+        known = {f.weight for f in found}
+        new = [s for s in spikes if s.passes(threshold) and s.weight not in known]
+        if not new:
+            converged = True
+            break
+        for spike in new:
+            value = float(down_proj(model, spike.layer)[spike.weight.index()])
+            token = token_strings[spike.input_position] if spike.input_position < len(token_strings) else ""
+            found.append(Found(spike.weight, value, iteration, spike, token))
+    return Detection(found, passes, converged, list(token_strings))
+
+
+# --- perplexity impact ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Impact:
+    """Perplexities of every condition, and the control weights used."""
+
+    baseline: float
+    n_tokens: int
+    single: list[float] = field(default_factory=list)
+    all_zeroed: float | None = None
+    restored: float | None = None
+    restored_exact: bool | None = None
+    weights_restored_exact: bool | None = None
+    random_controls: list[tuple[SuperWeight, float]] = field(default_factory=list)
+    magnitude_controls: list[tuple[SuperWeight, float]] = field(default_factory=list)
+    random_control: float | None = None
+    magnitude_control: float | None = None
+    random_each: list[float] = field(default_factory=list)
+    magnitude_each: list[float] = field(default_factory=list)
+
+
+def random_controls(
+    model: HookedTransformer, weights: Sequence[SuperWeight], rng: np.random.Generator
+) -> list[SuperWeight]:
+    """One uniformly random coordinate of each weight's tensor, never a super weight, all distinct."""
+    taken = set(weights)
+    controls = []
+    for weight in weights:
+        d_mlp, d_model = down_proj(model, weight.layer).shape
+        while True:
+            candidate = SuperWeight(weight.layer, int(rng.integers(d_model)), int(rng.integers(d_mlp)))
+            if candidate not in taken:
+                break
+        taken.add(candidate)
+        controls.append(candidate)
+    return controls
+
+
+def magnitude_controls(model: HookedTransformer, weights: Sequence[SuperWeight]) -> list[SuperWeight]:
+    """For each weight, the largest-|w| entry of its tensor that is neither a super weight nor taken."""
+    taken = set(weights)
+    controls = []
+    for weight in weights:
+        w_out = down_proj(model, weight.layer).detach()  # (d_mlp, d_model)
+        order = torch.argsort(w_out.abs().flatten(), descending=True, stable=True)
+        for flat in order.tolist():
+            col, row = divmod(flat, w_out.shape[1])
+            candidate = SuperWeight(weight.layer, row, col)
+            if candidate not in taken:
+                break
+        taken.add(candidate)
+        controls.append(candidate)
+    return controls
+
+
+def _value(model: HookedTransformer, weight: SuperWeight) -> float:
+    return float(down_proj(model, weight.layer).detach()[weight.index()])
+
+
+def measure_impact(
+    ctx: StepContext, params: SuperWeightsParams, weights: Sequence[SuperWeight]
+) -> Impact:
+    """Perplexity of the dataset under every condition; weights are restored after each one."""
+    model = ctx.model.model
+    tokens = ctx.dataset.tokens
+    if tokens.shape[1] < 2:
+        raise ResourceError(
+            f"super_weights case {ctx.case_id}: perplexity needs passages of at least 2 tokens, "
+            f"but dataset.max_len is {tokens.shape[1]}. Raise `dataset.max_len`."
+        )
+    touched = {w.layer: down_proj(model, w.layer).detach().clone() for w in weights}
+
+    def ppl(label: str, zero: Sequence[SuperWeight] = ()) -> float:
+        with zeroed(model, zero):
+            losses = token_losses(
+                model, tokens, batch_size=params.batch_size, progress=ctx.progress, description=label
+            )
+        return perplexity(losses)
+
+    base_losses = token_losses(
+        model, tokens, batch_size=params.batch_size, progress=ctx.progress, description="perplexity: baseline"
+    )
+    impact = Impact(baseline=perplexity(base_losses), n_tokens=int(base_losses.numel()))
+    if not weights:
+        return impact
+    impact.single = [ppl(f"perplexity: {w.label()} zeroed", [w]) for w in weights]
+    impact.all_zeroed = ppl("perplexity: all zeroed", weights)
+    randoms = random_controls(model, weights, np.random.default_rng(ctx.seed))
+    magnitudes = magnitude_controls(model, weights)
+    impact.random_controls = [(c, _value(model, c)) for c in randoms]
+    impact.magnitude_controls = [(c, _value(model, c)) for c in magnitudes]
+    impact.random_control = ppl("perplexity: random controls", randoms)
+    impact.magnitude_control = ppl("perplexity: largest ordinary weights", magnitudes)
+    if params.control_each:
+        impact.random_each = [ppl(f"perplexity: random {c.label()}", [c]) for c in randoms]
+        impact.magnitude_each = [ppl(f"perplexity: largest {c.label()}", [c]) for c in magnitudes]
+    restored_losses = token_losses(
+        model, tokens, batch_size=params.batch_size, progress=ctx.progress, description="perplexity: restored"
+    )
+    impact.restored = perplexity(restored_losses)
+    impact.restored_exact = bool(torch.equal(restored_losses, base_losses))
+    impact.weights_restored_exact = all(
+        torch.equal(down_proj(model, layer).detach(), before) for layer, before in touched.items()
+    )
+    return impact
+
+
+# --- the analysis ---------------------------------------------------------------------------------------
+
+
+@analysis("super_weights", params=SuperWeightsParams)
+def super_weights(ctx: StepContext, params: SuperWeightsParams) -> StepOutput:
+    """Detect super weights on a probe text and measure how much zeroing them raises perplexity."""
+    start = time.perf_counter()
+    loaded = ctx.model
+    layers = _resolve_layers(ctx, params)
+    tokens = _probe_tokens(loaded, params)
+    strings = [loaded.tokenizer.decode([t]) for t in tokens[0].tolist()]
+    detection = detect_super_weights(
+        loaded.model,
+        tokens,
+        layers=layers,
+        threshold=params.spike_threshold,
+        max_iterations=params.max_iterations,
+        token_strings=strings,
+    )
+    _note_detection(ctx, params, detection)
+    weights = [f.weight for f in detection.found]
+    impact = measure_impact(ctx, params, weights) if params.perplexity else None
+    _note_impact(ctx, impact)
+    records = _weight_records(ctx, detection, impact)
+    summary = _summary(ctx, params, detection, impact, records)
+    data = _data_files(ctx, params, detection, impact, records, summary, time.perf_counter() - start)
+    return StepOutput(summary=summary, data=data, plots=_plots(ctx, params, detection, impact, records))
+
+
+def _resolve_layers(ctx: StepContext, params: SuperWeightsParams) -> list[int]:
+    n_layers = ctx.model.n_layers
+    if params.layers is None:
+        layers = list(range(n_layers))
+    else:
+        missing = sorted(layer for layer in params.layers if layer >= n_layers)
+        if missing:
+            raise ResourceError(
+                f"super_weights case {ctx.case_id}: layers {missing} do not exist in model "
+                f"{ctx.model.name!r}, which has {n_layers} layers (0-{n_layers - 1}).\n"
+                f"Set `layers` within that range, e.g. '0-{n_layers - 1}', or leave it out to search every layer."
+            )
+        layers = sorted(params.layers)
+    hooks = [f"blocks.{layer}.{site}" for layer in layers for site in ("mlp.hook_post", "hook_mlp_out")]
+    require_hooks(ctx.model, hooks, where=f"super_weights case {ctx.case_id}")
+    for layer in layers:
+        down_proj(ctx.model.model, layer)  # a clear error for MoE or unusual MLPs, before any work
+    return layers
+
+
+def _probe_tokens(loaded: LoadedModel, params: SuperWeightsParams) -> torch.Tensor:
+    model = loaded.model
+    prepend = model.cfg.default_prepend_bos if params.prepend_bos is None else params.prepend_bos
+    tokens = model.to_tokens(params.probe_text, prepend_bos=prepend)  # (1, pos)
+    return tokens.to(next(model.parameters()).device)
+
+
+def _note_detection(ctx: StepContext, params: SuperWeightsParams, detection: Detection) -> None:
+    if not detection.found:
+        best = max(detection.passes[0], key=lambda s: min(abs(s.input_value), abs(s.output_value)))
+        ctx.note(
+            f"No layer has both spikes above spike_threshold={params.spike_threshold:g}. The strongest is "
+            f"layer {best.layer}: |input| {abs(best.input_value):.3g}, |output| {abs(best.output_value):.3g}. "
+            "See `top_candidates`; lower `spike_threshold` to test them."
+        )
+    elif not detection.converged:
+        last = [f for f in detection.found if f.iteration == len(detection.passes) - 1]
+        ctx.note(
+            f"Detection stopped at max_iterations={params.max_iterations} while still finding new weights "
+            f"({len(last)} in the last pass, at layers {sorted({f.weight.layer for f in last})}). "
+            "Raise `max_iterations`, or restrict `layers`, to let it converge."
+        )
+
+
+def _note_impact(ctx: StepContext, impact: Impact | None) -> None:
+    if impact is None:
+        return
+    if impact.restored_exact is False:
+        ctx.note(
+            f"Perplexity after restoring the weights ({impact.restored!r}) differs from the baseline "
+            f"({impact.baseline!r}) although the weights are restored exactly "
+            f"({impact.weights_restored_exact}): the device computes non-deterministically."
+        )
+    if impact.weights_restored_exact is False:
+        raise RuntimeError("super_weights: the edited tensors differ from the originals after restoring")
+
+
+def _ratio(value: float | None, baseline: float) -> float | None:
+    return None if value is None else value / baseline
+
+
+def _weight_records(ctx: StepContext, detection: Detection, impact: Impact | None) -> list[dict[str, Any]]:
+    """One row per detected weight: where, how large, what revealed it, what zeroing it does."""
+    records = []
+    for i, found in enumerate(detection.found):
+        spike = found.spike
+        record: dict[str, Any] = {
+            "index": i,
+            "model": ctx.model.name,
+            "tensor": TENSOR,
+            **found.weight.as_dict(),
+            "value": found.value,
+            "iteration": found.iteration,
+            "input_value": spike.input_value,
+            "output_value": spike.output_value,
+            "input_position": spike.input_position,
+            "output_position": spike.output_position,
+            "token": found.token,
+        }
+        if impact is not None:
+            record["ppl"] = impact.single[i]
+            record["ppl_ratio"] = impact.single[i] / impact.baseline
+        records.append(record)
+    return records
+
+
+def _control_records(controls: list[tuple[SuperWeight, float]], each: list[float], baseline: float) -> list[Any]:
+    rows = []
+    for i, (weight, value) in enumerate(controls):
+        row: dict[str, Any] = {**weight.as_dict(), "value": value}
+        if each:
+            row["ppl"] = each[i]
+            row["ppl_ratio"] = each[i] / baseline
+        rows.append(row)
+    return rows
+
+
+def _ppl_summary(impact: Impact | None) -> dict[str, Any] | None:
+    if impact is None:
+        return None
+    base = impact.baseline
+    return {
+        "baseline": base,
+        "all_zeroed": impact.all_zeroed,
+        "ratio_all": _ratio(impact.all_zeroed, base),
+        "max_single_ratio": max((p / base for p in impact.single), default=None),
+        "random_control": impact.random_control,
+        "random_control_ratio": _ratio(impact.random_control, base),
+        "magnitude_control": impact.magnitude_control,
+        "magnitude_control_ratio": _ratio(impact.magnitude_control, base),
+        "restored": impact.restored,
+        "restored_exact": impact.restored_exact,
+        "weights_restored_exact": impact.weights_restored_exact,
+        "n_tokens": impact.n_tokens,
+    }
+
+
+def _top_candidates(detection: Detection, k: int) -> list[dict[str, Any]]:
+    """The first pass's layers ranked by their weaker spike, ``min(|input|, |output|)``."""
+    ranked = sorted(detection.passes[0], key=lambda s: -min(abs(s.input_value), abs(s.output_value)))
+    return [
+        {**s.weight.as_dict(), "input_value": s.input_value, "output_value": s.output_value} for s in ranked[:k]
+    ]
+
+
+def _summary(
+    ctx: StepContext,
+    params: SuperWeightsParams,
+    detection: Detection,
+    impact: Impact | None,
+    records: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """What expectations read: ``n_found``, ``ppl.ratio_all``, ``strongest.layer``, ``weights[0].row``…"""
+    keys = ("layer", "row", "col", "value", "iteration", "input_value", "output_value", "ppl", "ppl_ratio")
+    weights = [{k: r[k] for k in keys if k in r} for r in records]
+    strongest = max(weights, key=lambda w: w.get("ppl_ratio", abs(w["output_value"])), default=None)
+    return {
+        "model": ctx.model.name,
+        "n_found": len(records),
+        "weights": weights,
+        "strongest": strongest,
+        "ppl": _ppl_summary(impact),
+        "controls": None
+        if impact is None or not records
+        else {
+            "random": _control_records(impact.random_controls, impact.random_each, impact.baseline),
+            "magnitude": _control_records(impact.magnitude_controls, impact.magnitude_each, impact.baseline),
+        },
+        "converged": detection.converged,
+        "iterations": len(detection.passes),
+        "spike_threshold": params.spike_threshold,
+        "probe_tokens": detection.probe_tokens,
+        "top_candidates": _top_candidates(detection, params.top_candidates),
+    }
+
+
+def _spike_rows(detection: Detection, threshold: float) -> list[dict[str, Any]]:
+    found = {(f.iteration, f.weight) for f in detection.found}
+    return [
+        {"iteration": i, **asdict(s), "passes_threshold": s.passes(threshold), "detected": (i, s.weight) in found}
+        for i, spikes in enumerate(detection.passes)
+        for s in spikes
+    ]
+
+
+def _data_files(
+    ctx: StepContext,
+    params: SuperWeightsParams,
+    detection: Detection,
+    impact: Impact | None,
+    records: list[dict[str, Any]],
+    summary: dict[str, Any],
+    seconds: float,
+) -> dict[str, Any]:
+    """The seed's per-model JSON files, plus flat tables of the weights and of every probe pass."""
+    config = {**params.model_dump(mode="json"), "model": ctx.model.name, "dataset": _dataset_facts(ctx, params)}
+    data: dict[str, Any] = {
+        "super_weights.csv": pd.DataFrame(records, columns=list(records[0]) if records else ["index", "layer"]),
+        "super_weights.jsonl": records,
+        "detection_spikes.csv": _spike_rows(detection, params.spike_threshold),
+        "analysis.json": {"config": config, "summary": summary, "seconds": seconds},
+    }
+    if impact is not None and records:
+        base = impact.baseline
+        for record in records:
+            data[f"individual_analyses/sw_{record['index']}_analysis.json"] = {
+                "super_weight": record,
+                "perplexity_analysis": {
+                    "baseline_perplexity": base,
+                    "modified_perplexity": record["ppl"],
+                    "perplexity_ratio": record["ppl_ratio"],
+                    "n_tokens": impact.n_tokens,
+                },
+            }
+        data["combined_analysis.json"] = {
+            "super_weights": [{k: r[k] for k in ("layer", "row", "col", "value")} for r in records],
+            "perplexity_analysis": summary["ppl"],
+            "controls": summary["controls"],
+        }
+    return data
+
+
+def _dataset_facts(ctx: StepContext, params: SuperWeightsParams) -> dict[str, Any] | None:
+    if not params.perplexity:
+        return None
+    dataset = ctx.dataset
+    return {"name": dataset.name, "fingerprint": dataset.fingerprint, "passages": len(dataset), "max_len": dataset.max_len}
+
+
+# --- plots -----------------------------------------------------------------------------------------------
+
+
+def _plots(
+    ctx: StepContext,
+    params: SuperWeightsParams,
+    detection: Detection,
+    impact: Impact | None,
+    records: list[dict[str, Any]],
+) -> dict[str, Figure]:
+    name = ctx.model.name
+    plots = {"detection_iterations.png": _detection_plot(detection, params.spike_threshold, name)}
+    if records:
+        plots["super_weight_distribution.png"] = _distribution_plot(records, params.spike_threshold, name)
+    if impact is not None and records:
+        plots["impact_comparison.png"] = _impact_plot(impact, records, name)
+        plots["combined_analysis.png"] = _combined_plot(impact, name)
+    return plots
+
+
+def _detection_plot(detection: Detection, threshold: float, model_name: str) -> Figure:
+    """Largest |input| and |output| per layer, one line per probe pass; detected weights starred."""
+    fig = Figure(figsize=(10, 4.2), layout="constrained")
+    axes = fig.subplots(1, 2, sharex=True)
+    found = {(f.iteration, f.weight.layer) for f in detection.found}
+    for ax, side in zip(axes, ("input", "output"), strict=True):
+        for i, spikes in enumerate(detection.passes):
+            layers = [s.layer for s in spikes]
+            values = [max(abs(getattr(s, f"{side}_value")), 1e-6) for s in spikes]
+            (line,) = ax.plot(layers, values, marker=".", label=f"pass {i}", alpha=0.8)
+            starred = [(layer, v) for layer, v in zip(layers, values, strict=True) if (i, layer) in found]
+            if starred:
+                ax.scatter(*zip(*starred, strict=True), marker="*", s=160, color=line.get_color(), zorder=3)
+        ax.axhline(threshold, color="gray", linestyle="--", linewidth=1, label=f"threshold {threshold:g}")
+        channel = "hook_post, d_mlp" if side == "input" else "hook_mlp_out, d_model"
+        ax.set(yscale="log", xlabel="layer", ylabel=f"max |{side}| ({channel})", title=f"down_proj {side}")
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.suptitle(f"{model_name} · super weight detection (★ = detected)")
+    return fig
+
+
+def _distribution_plot(records: list[dict[str, Any]], threshold: float, model_name: str) -> Figure:
+    """Input spike against output spike of every detected weight, labelled by position."""
+    fig = Figure(figsize=(6, 4.8), layout="constrained")
+    ax = fig.add_subplot()
+    xs = [abs(r["input_value"]) for r in records]
+    ys = [abs(r["output_value"]) for r in records]
+    points = ax.scatter(xs, ys, c=[r["layer"] for r in records], cmap="viridis", s=50)
+    for r, x, y in zip(records, xs, ys, strict=True):
+        ax.annotate(f"L{r['layer']} R{r['row']} C{r['col']}", (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.axvline(threshold, color="gray", linestyle="--", linewidth=1)
+    ax.axhline(threshold, color="gray", linestyle="--", linewidth=1)
+    ax.set(xscale="log", yscale="log", xlabel="|input spike| (neuron col)", ylabel="|output spike| (channel row)")
+    fig.colorbar(points, ax=ax, label="layer")
+    ax.set_title(f"{model_name} · detected super weights", fontsize=10)
+    return fig
+
+
+def _bars(ax: Any, labels: list[str], values: list[float], colors: list[str], baseline: float) -> None:
+    bars = ax.bar(range(len(values)), values, color=colors)
+    ax.set_yscale("log")
+    ax.axhline(baseline, color="black", linewidth=1, linestyle=":")
+    ax.set_xticks(range(len(values)), labels, rotation=45, ha="right", fontsize=7)
+    for bar, value in zip(bars, values, strict=True):
+        ax.annotate(f"{value:.3g}", (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom", fontsize=6)
+    ax.set_ylabel("perplexity (log scale)")
+
+
+def _impact_plot(impact: Impact, records: list[dict[str, Any]], model_name: str) -> Figure:
+    """Baseline against each super weight zeroed alone (and each control, with ``control_each``)."""
+    labels = ["baseline"] + [f"L{r['layer']} R{r['row']} C{r['col']}" for r in records]
+    values = [impact.baseline] + [r["ppl"] for r in records]
+    colors = ["tab:gray"] + ["tab:red"] * len(records)
+    for name, each, color in (("random", impact.random_each, "tab:blue"), ("largest", impact.magnitude_each, "tab:green")):
+        controls = impact.random_controls if name == "random" else impact.magnitude_controls
+        labels += [f"{name} {c.label()}" for c, _ in controls[: len(each)]]
+        values += each
+        colors += [color] * len(each)
+    fig = Figure(figsize=(max(5.0, 0.45 * len(values) + 2), 4.2), layout="constrained")
+    _bars(fig.add_subplot(), labels, values, colors, impact.baseline)
+    fig.suptitle(f"{model_name} · perplexity with one weight zeroed (dotted: baseline)", fontsize=10)
+    return fig
+
+
+def _combined_plot(impact: Impact, model_name: str) -> Figure:
+    """Baseline, all super weights zeroed, each matched control set, and the restored model."""
+    conditions = [
+        ("baseline", impact.baseline, "tab:gray"),
+        ("all super weights\nzeroed", impact.all_zeroed, "tab:red"),
+        ("random coords\nzeroed", impact.random_control, "tab:blue"),
+        ("largest ordinary\nweights zeroed", impact.magnitude_control, "tab:green"),
+        ("restored", impact.restored, "tab:gray"),
+    ]
+    kept = [(label, value, color) for label, value, color in conditions if value is not None and math.isfinite(value)]
+    fig = Figure(figsize=(6.5, 4.2), layout="constrained")
+    labels, values, colors = (list(x) for x in zip(*kept, strict=True))
+    _bars(fig.add_subplot(), labels, values, colors, impact.baseline)
+    fig.suptitle(f"{model_name} · combined effect ({len(impact.single)} super weights)", fontsize=10)
+    return fig
