@@ -17,6 +17,7 @@ import re
 import shutil
 from collections.abc import Callable
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ __all__ = ["RunFolder", "create_run_folder", "safe_name", "to_jsonable", "write_
 
 
 def safe_name(case_id: str) -> str:
-    """A folder name for a case id: ``importance[layers=0-5]`` → ``importance[layers=0-5]`` minus unsafe chars."""
+    """A folder name for a case id: characters other than letters, digits and ``_.,=[]+-`` become ``_``."""
     return re.sub(r"[^A-Za-z0-9_.,=\[\]+-]", "_", case_id)
 
 
@@ -50,7 +51,7 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
-def write_atomic(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
+def write_atomic(path: Path, write: Callable[[io.BufferedWriter], object]) -> None:
     """Write through ``write(file)`` into a temporary sibling, then rename over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -82,8 +83,10 @@ def _write_npz(path: Path, value: Any) -> None:
     arrays = {k: np.asarray(v) for k, v in value.items()}
     bad = [k for k, a in arrays.items() if a.dtype == object]
     if bad:
-        raise RunnerError(f"{path.name}: arrays {bad} hold Python objects; NPZ files never hold pickles. "
-                          "Put metadata in a .json file instead.")
+        raise RunnerError(
+            f"{path.name}: arrays {bad} hold Python objects; NPZ files never hold pickles. "
+            "Put metadata in a .json file instead."
+        )
     write_atomic(path, lambda f: np.savez_compressed(f, **arrays))  # type: ignore[arg-type]
 
 
@@ -139,8 +142,10 @@ class RunFolder:
         """Save matplotlib figures as PNG; returns their paths relative to the run folder."""
         written = []
         for name, figure in plots.items():
-            path = self.root / "plots" / safe_name(case_id) / (name if name.endswith(".png") else f"{name}.png")
-            write_atomic(path, lambda f, fig=figure: fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight"))
+            path = (
+                self.root / "plots" / safe_name(case_id) / (name if name.endswith(".png") else f"{name}.png")
+            )
+            write_atomic(path, partial(figure.savefig, format="png", dpi=dpi, bbox_inches="tight"))
             written.append(path.relative_to(self.root).as_posix())
         return written
 
@@ -173,7 +178,9 @@ def create_run_folder(output_dir: Path, spec_name: str, spec_path: Path, spec_te
     try:
         root.mkdir(parents=True)
     except OSError as exc:
-        raise RunnerError(f"Cannot create the run folder {root}: {exc.strerror}.\n"
-                          "Choose another place with --output-dir or `output.dir` in the spec.") from None
+        raise RunnerError(
+            f"Cannot create the run folder {root}: {exc.strerror}.\n"
+            "Choose another place with --output-dir or `output.dir` in the spec."
+        ) from None
     shutil.copyfile(spec_path, root / spec_path.name)
     return RunFolder(root)

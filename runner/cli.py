@@ -39,14 +39,22 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in (("run", "run a spec"), ("plan", "show a spec's plan without running it")):
         cmd = sub.add_parser(name, help=help_text)
         cmd.add_argument("spec", type=Path)
-        cmd.add_argument("-k", dest="keyword", metavar="EXPR", help="select cases like pytest -k (and/or/not)")
+        cmd.add_argument(
+            "-k", dest="keyword", metavar="EXPR", help="select cases like pytest -k (and/or/not)"
+        )
         if name == "run":
-            cmd.add_argument("--collect-only", action="store_true", help="show the plan, load nothing, run nothing")
+            cmd.add_argument(
+                "--collect-only", action="store_true", help="show the plan, load nothing, run nothing"
+            )
             cmd.add_argument("-x", "--exitfirst", action="store_true", help="stop at the first failed case")
             cmd.add_argument("-q", "--quiet", action="count", default=0, help="less output")
             cmd.add_argument("-v", "--verbose", action="count", default=0, help="more output")
-            cmd.add_argument("--output-dir", type=Path, help="parent of run folders (default: the spec's output.dir)")
-            cmd.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override the spec's model.device")
+            cmd.add_argument(
+                "--output-dir", type=Path, help="parent of run folders (default: the spec's output.dir)"
+            )
+            cmd.add_argument(
+                "--device", choices=["auto", "cpu", "cuda"], help="override the spec's model.device"
+            )
 
     sub.add_parser("schema", help="print the JSON Schema of spec files")
     sub.add_parser("list", help="list registered analyses")
@@ -78,7 +86,9 @@ def _validate(args: argparse.Namespace, out: Console) -> int:
 
     paths = find_spec_files(args.paths or [Path("specs")])
     if not paths:
-        raise RunnerError(f"No spec files (*.yaml, *.yml) found in {', '.join(map(str, args.paths or ['specs']))}.")
+        raise RunnerError(
+            f"No spec files (*.yaml, *.yml) found in {', '.join(map(str, args.paths or ['specs']))}."
+        )
     failed = 0
     for path in paths:
         try:
@@ -114,10 +124,14 @@ def print_plan(plan: Any, out: Console) -> None:
     spec = plan.spec
     source = describe_model(spec.model.name)
     tree = Tree(f"[bold]<Spec {escape(spec.name)}>[/bold] {escape(plan.source)}")
-    tree.add(f"model: {escape(spec.model.name)} ({source['kind']}: {escape(source['location'])}), "
-             f"device {spec.model.device}, {spec.model.dtype}")
-    tree.add(f"dataset: {escape(spec.dataset.name)}, {spec.dataset.max_passages} passages × "
-             f"{spec.dataset.max_len} tokens")
+    tree.add(
+        f"model: {escape(spec.model.name)} ({source['kind']}: {escape(source['location'])}), "
+        f"device {spec.model.device}, {spec.model.dtype}"
+    )
+    tree.add(
+        f"dataset: {escape(spec.dataset.name)}, {spec.dataset.max_passages} passages × "
+        f"{spec.dataset.max_len} tokens"
+    )
     steps: dict[str, Any] = {}
     for case in plan.cases:
         if case.step.id not in steps:
@@ -175,12 +189,22 @@ def type_name(annotation: Any) -> str:
     if origin is typing.Annotated:
         return "indices ('0-23', '0,5,10')" if args[0] == tuple[int, ...] else type_name(args[0])
     if args:
-        return " | ".join(type_name(a) for a in args) if origin in (typing.Union, type(int | None)) else str(
-            annotation).replace("typing.", "")
+        return (
+            " | ".join(type_name(a) for a in args)
+            if origin in (typing.Union, type(int | None))
+            else str(annotation).replace("typing.", "")
+        )
     return getattr(annotation, "__name__", str(annotation)).replace("NoneType", "None")
 
 
-COMMANDS = {"validate": _validate, "plan": _plan, "run": _run, "schema": _schema, "list": _list, "show": _show}
+COMMANDS = {
+    "validate": _validate,
+    "plan": _plan,
+    "run": _run,
+    "schema": _schema,
+    "list": _list,
+    "show": _show,
+}
 
 
 if __name__ == "__main__":

@@ -54,8 +54,10 @@ class ConsoleReporter:
             return
         spec = plan.spec
         self.console.rule(f"runner: {escape(spec.name)}")
-        self.console.print(f"spec: {escape(plan.source)}   model: {escape(spec.model.name)}   "
-                           f"dataset: {escape(spec.dataset.name)}   seed: {spec.seed}")
+        self.console.print(
+            f"spec: {escape(plan.source)}   model: {escape(spec.model.name)}   "
+            f"dataset: {escape(spec.dataset.name)}   seed: {spec.seed}"
+        )
         deselected = f" / {len(plan.deselected)} deselected" if plan.deselected else ""
         self.console.print(f"collected {len(plan.cases) + len(plan.deselected)} cases{deselected}")
         self.console.print(f"run folder: {escape(run_dir)}\n")
@@ -109,8 +111,10 @@ class ConsoleReporter:
         if self.verbosity < 0 and result.status == "passed":
             return
         style = STYLES[result.status]
-        self.console.print(f"{escape(result.case.id)} [{style}]{LABELS[result.status]}[/{style}] "
-                           f"[dim]({result.duration:.1f}s)[/dim]")
+        self.console.print(
+            f"{escape(result.case.id)} [{style}]{LABELS[result.status]}[/{style}] "
+            f"[dim]({result.duration:.1f}s)[/dim]"
+        )
         for note in result.notes if self.verbosity >= 0 else ():
             self.console.print(f"  [yellow]note:[/yellow] {escape(note)}")
         if self.verbosity > 0:
@@ -122,17 +126,25 @@ class ConsoleReporter:
         """Failures and errors in detail, the run folder, and the summary line."""
         self._details(run, fulltrace)
         if run.interrupted:
-            self.console.print("[yellow]Interrupted: finished cases are saved; the run folder is valid.[/yellow]")
+            self.console.print(
+                "[yellow]Interrupted: finished cases are saved; the run folder is valid.[/yellow]"
+            )
         if run.aborted:
             self.console.print(f"[red]Run aborted:[/red] {escape(run.aborted)}")
         if self.verbosity >= 0:
             self.console.print(f"report: {escape(run_dir)}/report.md")
         bad = run.count("failed") or run.count("error") or run.interrupted or run.aborted
         style = "red" if bad else "green" if run.results else "yellow"
-        self.console.rule(f"[{style}]{escape(summary_line(run, len(plan.deselected)))}[/{style}]", style=style)
+        self.console.rule(
+            f"[{style}]{escape(summary_line(run, len(plan.deselected)))}[/{style}]", style=style
+        )
 
     def _details(self, run: RunResult, fulltrace: bool) -> None:
-        failed = [r for r in run.results if r.status in {"failed", "error"} and not (run.aborted and r.error == run.aborted)]
+        failed = [
+            r
+            for r in run.results
+            if r.status in {"failed", "error"} and not (run.aborted and r.error == run.aborted)
+        ]
         if not failed:
             return
         self.console.rule("FAILURES", characters="=")
@@ -146,7 +158,9 @@ class ConsoleReporter:
                 text = result.traceback if (fulltrace and result.traceback) else result.error
                 self.console.print(escape(text))
                 if result.traceback and not fulltrace:
-                    self.console.print("[dim](full traceback in manifest.json; or rerun with --fulltrace)[/dim]")
+                    self.console.print(
+                        "[dim](full traceback in manifest.json; or rerun with --fulltrace)[/dim]"
+                    )
 
 
 @contextmanager

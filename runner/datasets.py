@@ -18,11 +18,8 @@ import torch
 
 from runner.errors import ResourceError
 
-__all__ = ["EMBEDDED_DATASETS", "TokenDataset", "load_text", "tokenize_passages"]
+__all__ = ["TokenDataset", "fingerprint_tokens", "load_text", "tokenize_passages"]
 
-EMBEDDED_DATASETS = {
-    "python-docs": "Python's own documentation topics (pydoc_data.topics), ~465k characters, on every machine",
-}
 HUB_ALIASES = {"wikitext-2": ("wikitext", "wikitext-2-raw-v1")}
 
 
@@ -53,7 +50,9 @@ class TokenDataset:
         return -(-len(self) // batch_size)
 
 
-def load_text(name: str, *, split: str = "test", text_field: str = "text", base_dir: Path | None = None) -> str:
+def load_text(
+    name: str, *, split: str = "test", text_field: str = "text", base_dir: Path | None = None
+) -> str:
     """The raw text of dataset ``name``: ``python-docs``, a ``.txt``/``.jsonl`` file, or a hub dataset."""
     if name == "python-docs":
         return _python_docs_text()
@@ -64,7 +63,7 @@ def load_text(name: str, *, split: str = "test", text_field: str = "text", base_
 
 
 def _python_docs_text() -> str:
-    from pydoc_data.topics import topics  # type: ignore[import-not-found]
+    from pydoc_data.topics import topics
 
     return "\n\n".join(topics[key] for key in sorted(topics))
 
@@ -97,7 +96,7 @@ def _hub_text(name: str, split: str, text_field: str) -> str:
         path, config = path.split(":", 1)
     _require_hub(name)
     try:
-        import datasets  # type: ignore[import-untyped]
+        import datasets
     except ImportError:
         raise ResourceError(
             f"Dataset {name!r} comes from the Hugging Face hub, which needs the `datasets` package.\n"
@@ -136,7 +135,7 @@ def tokenize_passages(
     ``max_len - 1`` text tokens. Raises when the text is too short for even one passage.
     """
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    bos = getattr(tokenizer, "bos_token_id", None)
+    bos: int | None = getattr(tokenizer, "bos_token_id", None)
     use_bos = prepend_bos and bos is not None
     body = max_len - 1 if use_bos else max_len
     n = min(max_passages, len(ids) // body)
@@ -146,7 +145,7 @@ def tokenize_passages(
             "Lower `dataset.max_len` or use a longer text."
         )
     stream = torch.tensor(ids[: n * body], dtype=torch.long).view(n, body)  # (n, body)
-    if use_bos:
+    if bos is not None and use_bos:
         stream = torch.cat([torch.full((n, 1), bos, dtype=torch.long), stream], dim=1)  # (n, max_len)
     return stream
 

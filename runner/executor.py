@@ -56,11 +56,19 @@ class CaseResult:
 
     def describe(self) -> dict[str, Any]:
         """JSON-able record for the manifest."""
-        return to_jsonable({
-            "status": self.status, "duration_s": round(self.duration, 3), "summary": self.summary,
-            "checks": [vars(c) for c in self.checks], "data_files": self.data_files,
-            "plot_files": self.plot_files, "notes": self.notes, "error": self.error, "traceback": self.traceback,
-        })
+        return to_jsonable(
+            {
+                "status": self.status,
+                "duration_s": round(self.duration, 3),
+                "summary": self.summary,
+                "checks": [vars(c) for c in self.checks],
+                "data_files": self.data_files,
+                "plot_files": self.plot_files,
+                "notes": self.notes,
+                "error": self.error,
+                "traceback": self.traceback,
+            }
+        )
 
 
 @dataclass
@@ -111,7 +119,12 @@ def seed_everything(seed: int) -> None:
 
 
 def run_plan(
-    plan: Plan, folder: RunFolder, resources: Resources, reporter: Reporter, *, exitfirst: bool = False,
+    plan: Plan,
+    folder: RunFolder,
+    resources: Resources,
+    reporter: Reporter,
+    *,
+    exitfirst: bool = False,
     on_case_done: Any = None,
 ) -> RunResult:
     """Run every case of ``plan`` in order; ``on_case_done(run_result)`` is called after each."""
@@ -138,8 +151,12 @@ def run_plan(
 
 
 def _run_case(
-    result: CaseResult, folder: RunFolder, resources: Resources, reporter: Reporter,
-    finished: dict[str, list[FinishedCase]], run_cache: dict[Any, Any],
+    result: CaseResult,
+    folder: RunFolder,
+    resources: Resources,
+    reporter: Reporter,
+    finished: dict[str, list[FinishedCase]],
+    run_cache: dict[Any, Any],
 ) -> None:
     case = result.case
     reporter.case_started(case)
@@ -156,7 +173,8 @@ def _run_case(
             raise RunnerError(f"analysis {case.analysis!r} returned {type(output).__name__}, not StepOutput")
         _record(result, output, folder)
         finished.setdefault(case.step.id, []).append(
-            FinishedCase(case.id, case.step.id, case.params, case.model.name, output))
+            FinishedCase(case.id, case.step.id, case.params, case.model.name, output)
+        )
         _check(result)
     except Exception as exc:
         _fail(result, exc)
@@ -167,7 +185,10 @@ def _run_case(
 
 
 def _context(
-    case: Case, resources: Resources, reporter: Reporter, finished: dict[str, list[FinishedCase]],
+    case: Case,
+    resources: Resources,
+    reporter: Reporter,
+    finished: dict[str, list[FinishedCase]],
     run_cache: dict[Any, Any],
 ) -> StepContext:
     def resource(kind: str) -> Any:
@@ -178,9 +199,15 @@ def _context(
             ctx.note(dataset.info["note"])
         return dataset
 
-    ctx = StepContext(case_id=case.id, seed=case.seed, device=resources.device(case.model), resources=resource,
-                      progress=reporter.progress, finished=lambda step_id: list(finished.get(step_id, [])),
-                      run_cache=run_cache)
+    ctx = StepContext(
+        case_id=case.id,
+        seed=case.seed,
+        device=resources.device(case.model),
+        resources=resource,
+        progress=reporter.progress,
+        finished=lambda step_id: list(finished.get(step_id, [])),
+        run_cache=run_cache,
+    )
     return ctx
 
 

@@ -21,7 +21,7 @@ from runner.errors import Location, SpecError, SpecProblem
 from runner.registry import did_you_mean
 from runner.spec import ExperimentSpec
 
-__all__ = ["SpecDocument", "find_spec_files", "format_loc", "load_spec", "read_document", "problems_from"]
+__all__ = ["SpecDocument", "find_spec_files", "format_loc", "load_spec", "problems_from", "read_document"]
 
 Loc = tuple[str | int, ...]
 
@@ -91,12 +91,16 @@ def read_document(path: Path, display: str | None = None) -> SpecDocument:
     doc = SpecDocument(shown, text, None)
     node = _compose(text, shown)
     if node is None:
-        raise SpecError([SpecProblem(Location(shown, 1, 1), "", "the file is empty; a spec is a YAML mapping")],
-                        hint="Start from one of the examples in specs/.")
+        raise SpecError(
+            [SpecProblem(Location(shown, 1, 1), "", "the file is empty; a spec is a YAML mapping")],
+            hint="Start from one of the examples in specs/.",
+        )
     if not isinstance(node, yaml.MappingNode):
         line, col = node.start_mark.line + 1, node.start_mark.column + 1
         kind = "a list" if isinstance(node, yaml.SequenceNode) else "a single value"
-        raise SpecError([SpecProblem(Location(shown, line, col), "", f"a spec must be a YAML mapping, not {kind}")])
+        raise SpecError(
+            [SpecProblem(Location(shown, line, col), "", f"a spec must be a YAML mapping, not {kind}")]
+        )
     doc.data = _to_python(node, (), doc, doc.problems)
     return doc
 
@@ -138,8 +142,13 @@ def _yaml_message(exc: yaml.MarkedYAMLError) -> str:
 def _to_python(node: yaml.Node, loc: Loc, doc: SpecDocument, problems: list[SpecProblem]) -> Any:
     doc.values[loc] = (node.start_mark.line + 1, node.start_mark.column + 1)
     if node.tag not in _STANDARD_TAGS:
-        problems.append(doc.problem(loc, f"the YAML tag {node.tag.replace('tag:yaml.org,2002:', '!!')} is not "
-                                         "allowed; specs hold plain data only (it was not executed)"))
+        problems.append(
+            doc.problem(
+                loc,
+                f"the YAML tag {node.tag.replace('tag:yaml.org,2002:', '!!')} is not "
+                "allowed; specs hold plain data only (it was not executed)",
+            )
+        )
         return None
     if isinstance(node, yaml.MappingNode):
         return _mapping(node, loc, doc, problems)
@@ -149,26 +158,37 @@ def _to_python(node: yaml.Node, loc: Loc, doc: SpecDocument, problems: list[Spec
     return value.isoformat() if hasattr(value, "isoformat") else value
 
 
-def _mapping(node: yaml.MappingNode, loc: Loc, doc: SpecDocument, problems: list[SpecProblem]) -> dict[str, Any]:
+def _mapping(
+    node: yaml.MappingNode, loc: Loc, doc: SpecDocument, problems: list[SpecProblem]
+) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key_node, value_node in node.value:
         mark = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
         if not isinstance(key_node, yaml.ScalarNode) or key_node.tag not in _STANDARD_TAGS:
-            problems.append(SpecProblem(Location(doc.path, *mark), format_loc(loc), "keys must be plain scalars"))
+            problems.append(
+                SpecProblem(Location(doc.path, *mark), format_loc(loc), "keys must be plain scalars")
+            )
             continue
         key = str(yaml.constructor.SafeConstructor().construct_object(key_node))
         if key in out:
             first = doc.keys[(*loc, key)]
-            problems.append(SpecProblem(Location(doc.path, *mark), format_loc((*loc, key)),
-                                        f"duplicate key (first defined at line {first[0]}); YAML would silently "
-                                        "keep only the last one"))
+            problems.append(
+                SpecProblem(
+                    Location(doc.path, *mark),
+                    format_loc((*loc, key)),
+                    f"duplicate key (first defined at line {first[0]}); YAML would silently "
+                    "keep only the last one",
+                )
+            )
             continue
         doc.keys[(*loc, key)] = mark
         out[key] = _to_python(value_node, (*loc, key), doc, problems)
     return out
 
 
-def problems_from(error: ValidationError, doc: SpecDocument, model: type[BaseModel], prefix: Loc = ()) -> list[SpecProblem]:
+def problems_from(
+    error: ValidationError, doc: SpecDocument, model: type[BaseModel], prefix: Loc = ()
+) -> list[SpecProblem]:
     """Turn each Pydantic error into a located :class:`SpecProblem`, with did-you-mean for unknown keys."""
     problems = []
     for err in error.errors(include_url=False):
@@ -190,7 +210,11 @@ def _clean_message(err: Any) -> str:
     message = str(err["msg"])
     for prefix in ("Value error, ", "Assertion failed, "):
         message = message.removeprefix(prefix)
-    if err["type"] not in {"value_error", "assertion_error"} and "input" in err and not isinstance(err["input"], dict | list):
+    if (
+        err["type"] not in {"value_error", "assertion_error"}
+        and "input" in err
+        and not isinstance(err["input"], dict | list)
+    ):
         message += f" (got {err['input']!r})"
     return message
 

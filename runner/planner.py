@@ -24,6 +24,7 @@ from runner.spec import DatasetSpec, ExperimentSpec, ModelSpec, StepSpec, SweepS
 
 __all__ = ["Case", "Plan", "build_plan", "select_cases"]
 
+
 @dataclass(frozen=True)
 class Check:
     """One expectation bound to a case."""
@@ -112,21 +113,35 @@ def _check_steps(spec: ExperimentSpec, doc: SpecDocument, problems: list[SpecPro
     seen: dict[str, int] = {}
     for index, step in enumerate(spec.steps):
         if step.id in seen:
-            problems.append(doc.problem(("steps", index, "id"), f"step id {step.id!r} is already used by "
-                                        f"steps[{seen[step.id]}]; step ids must be unique"))
+            problems.append(
+                doc.problem(
+                    ("steps", index, "id"),
+                    f"step id {step.id!r} is already used by steps[{seen[step.id]}]; step ids must be unique",
+                )
+            )
         seen.setdefault(step.id, index)
         if step.analysis not in ANALYSES:
-            problems.append(doc.problem(("steps", index, "analysis"), ANALYSES.unknown_message(step.analysis)
-                                        + "\nRun `runner list` to see every analysis."))
+            problems.append(
+                doc.problem(
+                    ("steps", index, "analysis"),
+                    ANALYSES.unknown_message(step.analysis) + "\nRun `runner list` to see every analysis.",
+                )
+            )
 
 
-def _checks(spec: ExperimentSpec, doc: SpecDocument, problems: list[SpecProblem]) -> dict[str, tuple[Check, ...]]:
+def _checks(
+    spec: ExperimentSpec, doc: SpecDocument, problems: list[SpecProblem]
+) -> dict[str, tuple[Check, ...]]:
     ids = [s.id for s in spec.steps]
     out: dict[str, list[Check]] = {}
     for index, exp in enumerate(spec.expectations):
         if exp.step not in ids:
-            problems.append(doc.problem(("expectations", index, "step"),
-                                        f"no step {exp.step!r}.{did_you_mean(exp.step, ids)} Steps: {', '.join(ids)}"))
+            problems.append(
+                doc.problem(
+                    ("expectations", index, "step"),
+                    f"no step {exp.step!r}.{did_you_mean(exp.step, ids)} Steps: {', '.join(ids)}",
+                )
+            )
             continue
         try:
             expression = parse_expression(exp.that)
@@ -145,7 +160,9 @@ class _Resources:
     values: dict[str, Any]
 
 
-def _spec_variants(spec: ExperimentSpec, doc: SpecDocument, problems: list[SpecProblem]) -> Iterator[_Resources]:
+def _spec_variants(
+    spec: ExperimentSpec, doc: SpecDocument, problems: list[SpecProblem]
+) -> Iterator[_Resources]:
     base = _Resources(spec.model, spec.dataset, spec.seed, {})
     if spec.sweep is None:
         yield base
@@ -153,8 +170,14 @@ def _spec_variants(spec: ExperimentSpec, doc: SpecDocument, problems: list[SpecP
     for combo, locs in _combinations(spec.sweep, ("sweep",)):
         unknown = [k for k in combo if not _is_resource_key(k)]
         for key in unknown:
-            problems.append(doc.problem(locs[key], "a spec-level sweep key must be `seed`, `model.<field>` or "
-                                        f"`dataset.<field>`.{did_you_mean(key, _resource_keys())}", key=True))
+            problems.append(
+                doc.problem(
+                    locs[key],
+                    "a spec-level sweep key must be `seed`, `model.<field>` or "
+                    f"`dataset.<field>`.{did_you_mean(key, _resource_keys())}",
+                    key=True,
+                )
+            )
         if unknown:
             return
         resources = _with_resources(base, combo, locs, doc, problems)
@@ -167,14 +190,25 @@ def _is_resource_key(key: str) -> bool:
 
 
 def _resource_keys() -> list[str]:
-    return ["seed", *(f"model.{f}" for f in ModelSpec.model_fields), *(f"dataset.{f}" for f in DatasetSpec.model_fields)]
+    return [
+        "seed",
+        *(f"model.{f}" for f in ModelSpec.model_fields),
+        *(f"dataset.{f}" for f in DatasetSpec.model_fields),
+    ]
 
 
 def _with_resources(
-    base: _Resources, combo: dict[str, Any], locs: dict[str, Loc], doc: SpecDocument, problems: list[SpecProblem]
+    base: _Resources,
+    combo: dict[str, Any],
+    locs: dict[str, Loc],
+    doc: SpecDocument,
+    problems: list[SpecProblem],
 ) -> _Resources | None:
     """``base`` with the swept ``seed`` / ``model.*`` / ``dataset.*`` values of ``combo`` applied."""
-    sections: dict[str, dict[str, Any]] = {"model": base.model.model_dump(), "dataset": base.dataset.model_dump()}
+    sections: dict[str, dict[str, Any]] = {
+        "model": base.model.model_dump(),
+        "dataset": base.dataset.model_dump(),
+    }
     seed: Any = base.seed
     for key, value in combo.items():
         if key == "seed":
@@ -183,8 +217,12 @@ def _with_resources(
             root, _, leaf = key.partition(".")
             sections[root][leaf] = value
     try:
-        return _Resources(ModelSpec(**sections["model"]), DatasetSpec(**sections["dataset"]), int(seed),
-                          {**base.values, **combo})
+        return _Resources(
+            ModelSpec(**sections["model"]),
+            DatasetSpec(**sections["dataset"]),
+            int(seed),
+            {**base.values, **combo},
+        )
     except (ValidationError, ValueError, TypeError) as exc:
         where = locs[next(iter(combo))]
         problems.append(doc.problem(where, f"a swept value is invalid: {exc}"))
@@ -192,7 +230,11 @@ def _with_resources(
 
 
 def _step_cases(
-    step: StepSpec, index: int, resources: _Resources, checks: tuple[Check, ...], doc: SpecDocument,
+    step: StepSpec,
+    index: int,
+    resources: _Resources,
+    checks: tuple[Check, ...],
+    doc: SpecDocument,
     problems: list[SpecProblem],
 ) -> Iterator[Case]:
     params_model = ANALYSES.get(step.analysis).params_model
@@ -202,24 +244,43 @@ def _step_cases(
         unknown = [k for k in swept_params if k not in params_model.model_fields]
         for key in unknown:
             fields = list(params_model.model_fields)
-            problems.append(doc.problem(locs[key], f"{step.analysis} has no parameter {key!r}."
-                                        f"{did_you_mean(key, [*fields, *_resource_keys()])} Parameters: "
-                                        f"{', '.join(fields)} (or a resource: seed, model.<field>, "
-                                        "dataset.<field>)", key=True))
+            problems.append(
+                doc.problem(
+                    locs[key],
+                    f"{step.analysis} has no parameter {key!r}."
+                    f"{did_you_mean(key, [*fields, *_resource_keys()])} Parameters: "
+                    f"{', '.join(fields)} (or a resource: seed, model.<field>, "
+                    "dataset.<field>)",
+                    key=True,
+                )
+            )
         if unknown:
             return
         swept_resources = {k: v for k, v in combo.items() if _is_resource_key(k)}
-        case_resources = _with_resources(resources, swept_resources, locs, doc, problems) if swept_resources \
-            else resources
+        case_resources = (
+            _with_resources(resources, swept_resources, locs, doc, problems) if swept_resources else resources
+        )
         params = _validate_params(params_model, {**step.params, **swept_params}, locs, index, doc, problems)
         if params is not None and case_resources is not None:
             values = {**resources.values, **combo}
-            yield Case(_case_id(step.id, values), step, params, case_resources.model, case_resources.dataset,
-                       case_resources.seed, values, checks)
+            yield Case(
+                _case_id(step.id, values),
+                step,
+                params,
+                case_resources.model,
+                case_resources.dataset,
+                case_resources.seed,
+                values,
+                checks,
+            )
 
 
 def _validate_params(
-    model: type[BaseModel], values: dict[str, Any], sweep_locs: dict[str, Loc], index: int, doc: SpecDocument,
+    model: type[BaseModel],
+    values: dict[str, Any],
+    sweep_locs: dict[str, Loc],
+    index: int,
+    doc: SpecDocument,
     problems: list[SpecProblem],
 ) -> BaseModel | None:
     try:
@@ -235,7 +296,9 @@ def _relocate_to_sweep(
 ) -> SpecProblem:
     key = problem.field.split(".params.", 1)[-1].split(".")[0].split("[")[0]
     if key in sweep_locs:
-        return SpecProblem(doc.locate(sweep_locs[key]), problem.field, problem.message + " (value from the sweep)")
+        return SpecProblem(
+            doc.locate(sweep_locs[key]), problem.field, problem.message + " (value from the sweep)"
+        )
     return problem
 
 
@@ -246,8 +309,12 @@ def _combinations(sweep: SweepSpec, base: Loc) -> Iterator[tuple[dict[str, Any],
     ]
     if sweep.zip:
         n = len(next(iter(sweep.zip.values())))
-        axes.append([({k: vs[i] for k, vs in sweep.zip.items()},
-                      {k: (*base, "zip", k, i) for k in sweep.zip}) for i in range(n)])
+        axes.append(
+            [
+                ({k: vs[i] for k, vs in sweep.zip.items()}, {k: (*base, "zip", k, i) for k in sweep.zip})
+                for i in range(n)
+            ]
+        )
     for picks in itertools.product(*axes):
         values: dict[str, Any] = {}
         locs: dict[str, Loc] = {}
@@ -296,4 +363,3 @@ def _dedupe_ids(cases: list[Case]) -> list[Case]:
 
 def _unique(problems: list[SpecProblem]) -> list[SpecProblem]:
     return list(dict.fromkeys(problems))
-

@@ -30,7 +30,7 @@ def fmt(value: Any, digits: int = 4) -> str:
     """Numbers to ``digits`` significant digits (ints unchanged); None → ``–``; others as ``str``."""
     if value is None:
         return "–"
-    if isinstance(value, bool) or isinstance(value, int):
+    if isinstance(value, bool | int):
         return str(value)
     if isinstance(value, float):
         if not math.isfinite(value):
@@ -80,9 +80,23 @@ class CaseView:
         """Build from a :class:`CaseResult`."""
         case = result.case
         plots = [PlotView(Path(p).stem, p, root) for p in result.plot_files]
-        return cls(case.id, case.step.id, case.analysis, case.step.description, result.status, result.duration,
-                   case.params.model_dump(mode="json"), case.sweep_values, result.summary, result.notes,
-                   result.checks, result.error, result.traceback, plots, result.data_files)
+        return cls(
+            case.id,
+            case.step.id,
+            case.analysis,
+            case.step.description,
+            result.status,
+            result.duration,
+            case.params.model_dump(mode="json"),
+            case.sweep_values,
+            result.summary,
+            result.notes,
+            result.checks,
+            result.error,
+            result.traceback,
+            plots,
+            result.data_files,
+        )
 
     def plot(self, name: str) -> PlotView | None:
         """The plot whose file stem is ``name``, if any."""
@@ -92,24 +106,40 @@ class CaseView:
 def environment(templates: Path = TEMPLATES_DIR) -> jinja2.Environment:
     """The Jinja environment used for reports (strict about undefined variables)."""
     env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(templates), undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
-        trim_blocks=True, lstrip_blocks=True, autoescape=lambda name: bool(name and name.endswith(".html.j2")),
+        loader=jinja2.FileSystemLoader(templates),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        autoescape=lambda name: bool(name and name.endswith(".html.j2")),
     )
     env.filters["fmt"] = fmt
     return env
 
 
 def render_reports(
-    folder: RunFolder, plan: Plan, run: RunResult, manifest: dict[str, Any], *, spec_text: str, html: bool = True
+    folder: RunFolder,
+    plan: Plan,
+    run: RunResult,
+    manifest: dict[str, Any],
+    *,
+    spec_text: str,
+    html: bool = True,
 ) -> list[Path]:
     """Write ``report.md`` (and ``report.html``); returns the paths written."""
     env = environment()
     context = {
-        "plan": plan, "spec": plan.spec, "manifest": manifest, "spec_text": spec_text,
+        "plan": plan,
+        "spec": plan.spec,
+        "manifest": manifest,
+        "spec_text": spec_text,
         "cases": [CaseView.of(r, folder.root) for r in run.results],
-        "summary_line": summary_line(run, len(plan.deselected)), "run": run,
+        "summary_line": summary_line(run, len(plan.deselected)),
+        "run": run,
     }
     paths = [folder.write_text("report.md", env.get_template("report.md.j2").render(context, html=False))]
     if html:
-        paths.append(folder.write_text("report.html", env.get_template("report.html.j2").render(context, html=True)))
+        paths.append(
+            folder.write_text("report.html", env.get_template("report.html.j2").render(context, html=True))
+        )
     return paths

@@ -58,15 +58,29 @@ class Resources:
         if key not in self._datasets:
             tokenizer = self.model(model_spec).tokenizer
             with self._status(f"Tokenizing dataset {spec.name}"):
-                text = load_text(spec.name, split=spec.split, text_field=spec.text_field, base_dir=self.base_dir)
-                tokens = tokenize_passages(text, tokenizer, max_passages=spec.max_passages, max_len=spec.max_len,
-                                           prepend_bos=spec.prepend_bos)
-            info = {"spec": spec.model_dump(), "tokenizer_of": model_spec.name, "n_passages": int(tokens.shape[0]),
-                    "max_len": int(tokens.shape[1]), "n_characters": len(text)}
+                text = load_text(
+                    spec.name, split=spec.split, text_field=spec.text_field, base_dir=self.base_dir
+                )
+                tokens = tokenize_passages(
+                    text,
+                    tokenizer,
+                    max_passages=spec.max_passages,
+                    max_len=spec.max_len,
+                    prepend_bos=spec.prepend_bos,
+                )
+            info = {
+                "spec": spec.model_dump(),
+                "tokenizer_of": model_spec.name,
+                "n_passages": int(tokens.shape[0]),
+                "max_len": int(tokens.shape[1]),
+                "n_characters": len(text),
+            }
             dataset = TokenDataset(spec.name, tokens, fingerprint_tokens(tokens), info)
             if dataset.tokens.shape[0] < spec.max_passages:
-                dataset.info["note"] = (f"the text holds only {tokens.shape[0]} passages of {spec.max_len} tokens; "
-                                        f"max_passages asked for {spec.max_passages}")
+                dataset.info["note"] = (
+                    f"the text holds only {tokens.shape[0]} passages of {spec.max_len} tokens; "
+                    f"max_passages asked for {spec.max_passages}"
+                )
             self._datasets[key] = dataset
             label = f"{spec.name} ({model_spec.name} tokenizer, {spec.max_passages}x{spec.max_len})"
             self.loaded["datasets"][label] = {"fingerprint": dataset.fingerprint, **info}

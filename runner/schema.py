@@ -25,10 +25,12 @@ def spec_json_schema() -> dict[str, Any]:
         params_schema = params_model.model_json_schema(ref_template="#/$defs/{model}")
         defs.update(params_schema.pop("$defs", {}))
         defs[params_model.__name__] = params_schema
-        branches.append({
-            "if": {"properties": {"analysis": {"const": name}}, "required": ["analysis"]},
-            "then": {"properties": {"params": {"$ref": f"#/$defs/{params_model.__name__}"}}},
-        })
+        branches.append(
+            {
+                "if": {"properties": {"analysis": {"const": name}}, "required": ["analysis"]},
+                "then": {"properties": {"params": {"$ref": f"#/$defs/{params_model.__name__}"}}},
+            }
+        )
     step["allOf"] = branches
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "runner experiment spec"

@@ -37,16 +37,31 @@ def run_session(plan: Plan, args: argparse.Namespace, out: Console) -> int:
     device = resources.device(plan.spec.model)
 
     def write_manifest(run: RunResult | None, finished: bool) -> dict[str, Any]:
-        manifest = build_manifest(plan, run, spec_text=spec_text, started=started, command=["runner", *sys.argv[1:]],
-                                  env=env, resources=resources.loaded, device=device, finished=finished)
+        manifest = build_manifest(
+            plan,
+            run,
+            spec_text=spec_text,
+            started=started,
+            command=["runner", *sys.argv[1:]],
+            env=env,
+            resources=resources.loaded,
+            device=device,
+            finished=finished,
+        )
         folder.write_json("manifest.json", manifest)
         return manifest
 
     write_manifest(None, finished=False)
     reporter.header(plan, str(folder.root))
     with reporter.running(len(plan.cases)), _sigterm_as_interrupt():
-        run = run_plan(plan, folder, resources, reporter, exitfirst=args.exitfirst,
-                       on_case_done=lambda partial: write_manifest(partial, finished=False))
+        run = run_plan(
+            plan,
+            folder,
+            resources,
+            reporter,
+            exitfirst=args.exitfirst,
+            on_case_done=lambda partial: write_manifest(partial, finished=False),
+        )
     manifest = write_manifest(run, finished=True)
     _write_reports(folder, plan, run, manifest, spec_text, reporter)
     reporter.finish(run, plan, str(folder.root), fulltrace=args.fulltrace)
@@ -54,7 +69,11 @@ def run_session(plan: Plan, args: argparse.Namespace, out: Console) -> int:
 
 
 def _write_reports(
-    folder: RunFolder, plan: Plan, run: RunResult, manifest: dict[str, Any], spec_text: str,
+    folder: RunFolder,
+    plan: Plan,
+    run: RunResult,
+    manifest: dict[str, Any],
+    spec_text: str,
     reporter: ConsoleReporter,
 ) -> None:
     try:
@@ -66,6 +85,7 @@ def _write_reports(
 @contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
     """Treat SIGTERM like Ctrl-C so a killed run also leaves a valid run folder."""
+
     def handler(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 

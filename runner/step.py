@@ -103,7 +103,7 @@ class StepContext:
         """
         if key not in self._run_cache:
             self._run_cache[key] = load()
-        return self._run_cache[key]  # type: ignore[no-any-return]
+        return self._run_cache[key]
 
     def outputs(self, step_id: str) -> list[FinishedCase]:
         """The finished cases of an earlier step of this run (e.g. weights a detection step found).
@@ -116,12 +116,15 @@ class StepContext:
         found = self._finished(step_id)
         if not found:
             raise RunnerError(
-                f"Step {step_id!r} has no finished case in this run, but case {self.case_id} needs its results.\n"
+                f"Step {step_id!r} has no finished case in this run, "
+                f"but case {self.case_id} needs its results.\n"
                 f"List {step_id!r} before this step in `steps`, and check that it succeeded."
             )
         return found
 
-    def progress(self, items: Iterable[T], total: int | None = None, description: str = "batches") -> Iterator[T]:
+    def progress(
+        self, items: Iterable[T], total: int | None = None, description: str = "batches"
+    ) -> Iterator[T]:
         """Iterate ``items`` while advancing the run's inner progress bar."""
         if self._progress is None:
             yield from items

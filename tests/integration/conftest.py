@@ -44,9 +44,11 @@ def toy(ctx, params):
     ctx.note(f"toy ran with n={params.n}")
     return StepOutput(
         summary={"value": params.value, "squares": squares, "layers": {0: {"max": max(squares)}}},
-        data={"rows.csv": [{"i": i, "square": s} for i, s in enumerate(squares)],
-              "rows.jsonl": [{"i": i} for i in range(params.n)],
-              "arrays.npz": {"squares": squares}},
+        data={
+            "rows.csv": [{"i": i, "square": s} for i, s in enumerate(squares)],
+            "rows.jsonl": [{"i": i} for i in range(params.n)],
+            "arrays.npz": {"squares": squares},
+        },
         plots={"squares.png": figure},
     )
 
@@ -63,7 +65,9 @@ class ToyTotalParams(BaseModel):
 def toy_total(ctx, params):
     """Sum the `value` of every finished case of an earlier step (test-only analysis)."""
     cases = ctx.outputs(params.source)
-    return StepOutput(summary={"total": sum(c.output.summary["value"] for c in cases), "cases": [c.id for c in cases]})
+    return StepOutput(
+        summary={"total": sum(c.output.summary["value"] for c in cases), "cases": [c.id for c in cases]}
+    )
 
 
 if "toy" not in ANALYSES:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -97,7 +101,9 @@ def test_exitfirst_stops_after_first_failure(write_spec, run_cli, tmp_path):
 
 
 def test_interrupt_keeps_finished_cases_and_a_valid_folder(write_spec, run_cli, tmp_path):
-    spec = write_spec(TOY_SPEC.replace("value: [1.0, 2.0]", "interrupt: [false, true, false]\n        value: [5.0]"))
+    spec = write_spec(
+        TOY_SPEC.replace("value: [1.0, 2.0]", "interrupt: [false, true, false]\n        value: [5.0]")
+    )
     code, out, _ = run_cli("run", spec)
     assert code == 2
     folder = only_run_folder(tmp_path, "toy-run")
@@ -135,9 +141,15 @@ def test_zip_and_product_sweeps_expand_into_cases(write_spec, run_cli):
     assert "<Case toy[n=2-value=3.0-sleep=0]>" in out
 
 
-@pytest.mark.parametrize(("expr", "expected"), [
-    ("value=1.0", 1), ("not value=1.0", 1), ("toy and (value=1.0 or value=2.0)", 2), ("TOY", 2),
-])
+@pytest.mark.parametrize(
+    ("expr", "expected"),
+    [
+        ("value=1.0", 1),
+        ("not value=1.0", 1),
+        ("toy and (value=1.0 or value=2.0)", 2),
+        ("TOY", 2),
+    ],
+)
 def test_keyword_selection_follows_pytest(write_spec, run_cli, expr, expected):
     code, out, _ = run_cli("plan", write_spec(TOY_SPEC), "-k", expr)
     assert f"{expected} cases collected" in out
@@ -204,3 +216,35 @@ def test_missing_upstream_step_is_a_case_error(write_spec, run_cli):
     code, out, _ = run_cli("run", spec, "-q")
     assert code == 1
     assert "Step 'first' has no finished case in this run" in out
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
+def test_real_signal_mid_run_leaves_a_valid_partial_folder(write_spec, tmp_path, signal_number):
+    spec = write_spec("""
+        name: slow
+        steps:
+          - id: toy
+            analysis: toy
+            sweep:
+              product: {sleep: [0.0, 30.0, 30.0]}
+    """)
+    script = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import conftest; "
+        f"from runner.cli import main; sys.exit(main(['run', {str(spec)!r}, '-q']))"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=tmp_path, stdout=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not list(
+        tmp_path.glob("runs/slow/*/data/toy[[]sleep=0.0[]]/rows.csv")
+    ):
+        time.sleep(0.1)
+    time.sleep(0.5)  # into the second case's sleep
+    process.send_signal(signal_number)
+    out, _ = process.communicate(timeout=60)
+    assert process.returncode == 2, out
+    manifest = json.loads(next(tmp_path.glob("runs/slow/*/manifest.json")).read_text())
+    assert manifest["status"] == "interrupted"
+    assert [c["status"] for c in manifest["cases"].values()] == ["passed", "not run", "not run"]
+    assert next(tmp_path.glob("runs/slow/*/report.html")).exists()

@@ -145,15 +145,18 @@ def test_python_tags_are_rejected_and_never_executed(write_spec, run_cli, tmp_pa
     assert not marker.exists()
 
 
-@pytest.mark.parametrize(("content", "message"), [
-    (b"", ":1:1: the file is empty"),
-    (b"- a\n- b\n", ":1:1: a spec must be a YAML mapping, not a list"),
-    (b"name: x\nsteps:\n\t- id: a\n", ":3:1: a tab character; YAML indentation must use spaces"),
-    (b"\x7fELF\x02\x01\x01\x00\x00\x00", ": this is a binary file, not YAML text"),
-    (b"name: [unclosed\n", ":2:1: invalid YAML"),
-    (b"name: a\n---\nname: b\n", ":2:1: more than one YAML document"),
-    (b"name: caf\xe9\n", ":1: not UTF-8 text"),
-])
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", ":1:1: the file is empty"),
+        (b"- a\n- b\n", ":1:1: a spec must be a YAML mapping, not a list"),
+        (b"name: x\nsteps:\n\t- id: a\n", ":3:1: a tab character; YAML indentation must use spaces"),
+        (b"\x7fELF\x02\x01\x01\x00\x00\x00", ": this is a binary file, not YAML text"),
+        (b"name: [unclosed\n", ":2:1: invalid YAML"),
+        (b"name: a\n---\nname: b\n", ":2:1: more than one YAML document"),
+        (b"name: caf\xe9\n", ":1: not UTF-8 text"),
+    ],
+)
 def test_malformed_files_get_clear_errors(tmp_path, run_cli, content, message):
     path = tmp_path / "bad.yaml"
     path.write_bytes(content)
@@ -164,12 +167,15 @@ def test_malformed_files_get_clear_errors(tmp_path, run_cli, content, message):
 
 
 def test_bad_expectation_is_located(write_spec, run_cli):
-    path = write_spec(GOOD + """expectations:
+    path = write_spec(
+        GOOD
+        + """expectations:
   - step: toy
     that: "__import__('os').system('x')"
   - step: tyo
     that: "value > 1"
-""")
+"""
+    )
     code, out, _ = run_cli("validate", path)
     assert code == 2
     assert f"{path}:8:11: expectations[0].that:" in out

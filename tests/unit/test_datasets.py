@@ -15,12 +15,14 @@ from runner.errors import ResourceError
 def test_python_docs_is_real_text_and_deterministic():
     text = load_text("python-docs")
     assert len(text) > 400_000
-    assert text.startswith("The \"assert\" statement")
+    assert text.startswith('The "assert" statement')
     assert text == load_text("python-docs")
 
 
 def test_passages_have_exact_length_and_start_with_bos(tiny_tokenizer):
-    tokens = tokenize_passages(load_text("python-docs"), tiny_tokenizer, max_passages=5, max_len=32, prepend_bos=True)
+    tokens = tokenize_passages(
+        load_text("python-docs"), tiny_tokenizer, max_passages=5, max_len=32, prepend_bos=True
+    )
     assert tokens.shape == (5, 32) and tokens.dtype == torch.long
     assert (tokens[:, 0] == tiny_tokenizer.bos_token_id).all()
     stream = tiny_tokenizer(load_text("python-docs"), add_special_tokens=False)["input_ids"]
@@ -34,7 +36,9 @@ def test_without_bos_passages_are_plain_cuts(tiny_tokenizer):
 
 
 def test_short_text_gives_fewer_passages_and_too_short_is_an_error(tiny_tokenizer):
-    tokens = tokenize_passages("hello world " * 10, tiny_tokenizer, max_passages=1000, max_len=8, prepend_bos=False)
+    tokens = tokenize_passages(
+        "hello world " * 10, tiny_tokenizer, max_passages=1000, max_len=8, prepend_bos=False
+    )
     assert 0 < tokens.shape[0] < 1000
     with pytest.raises(ResourceError, match="fewer than one passage of 4096"):
         tokenize_passages("hi", tiny_tokenizer, max_passages=1, max_len=4096, prepend_bos=False)

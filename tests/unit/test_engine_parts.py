@@ -13,17 +13,32 @@ from runner.registry import Registry, analysis
 from runner.reports import fmt
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("0-3", (0, 1, 2, 3)), ("0,5,10", (0, 5, 10)), ("0-2,7-8", (0, 1, 2, 7, 8)), (4, (4,)),
-    ([1, "3-4"], (1, 3, 4)), (" 2 - 3 , 1 ", (2, 3, 1)), ("1,1,0-1", (1, 0)),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("0-3", (0, 1, 2, 3)),
+        ("0,5,10", (0, 5, 10)),
+        ("0-2,7-8", (0, 1, 2, 7, 8)),
+        (4, (4,)),
+        ([1, "3-4"], (1, 3, 4)),
+        (" 2 - 3 , 1 ", (2, 3, 1)),
+        ("1,1,0-1", (1, 0)),
+    ],
+)
 def test_indices_read_the_seed_range_syntax(text, expected):
     assert parse_indices(text) == expected
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ("5-2", "runs backwards"), ("a-b", "cannot read 'a-b'"), (-1, ">= 0"), (True, "boolean"), ("", "cannot read"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("5-2", "runs backwards"),
+        ("a-b", "cannot read 'a-b'"),
+        (-1, ">= 0"),
+        (True, "boolean"),
+        ("", "cannot read"),
+    ],
+)
 def test_bad_indices_say_which_part_is_wrong(text, message):
     with pytest.raises(ValueError, match=message):
         parse_indices(text)
@@ -32,7 +47,7 @@ def test_bad_indices_say_which_part_is_wrong(text, message):
 def test_registry_duplicate_names_name_both_definitions():
     registry: Registry[int] = Registry("thing")
     registry.add("a", 1, "mod.first")
-    with pytest.raises(RunnerError, match="defined by mod.first and by mod.second"):
+    with pytest.raises(RunnerError, match=r"defined by mod\.first and by mod\.second"):
         registry.add("a", 2, "mod.second")
 
 
@@ -40,7 +55,9 @@ def test_registry_unknown_name_lists_available():
     registry: Registry[int] = Registry("thing")
     registry.add("alpha", 1, "x")
     registry.add("beta", 2, "y")
-    with pytest.raises(RunnerError, match=r"Unknown thing 'alpah'\. Did you mean 'alpha'\? Available: alpha, beta"):
+    with pytest.raises(
+        RunnerError, match=r"Unknown thing 'alpah'\. Did you mean 'alpha'\? Available: alpha, beta"
+    ):
         registry.get("alpah")
 
 
@@ -74,13 +91,15 @@ def test_npz_refuses_object_arrays(tmp_path):
 
 
 def test_unknown_data_extension_is_an_error(tmp_path):
-    with pytest.raises(RunnerError, match="No writer for data file 'x.xlsx'"):
+    with pytest.raises(RunnerError, match=r"No writer for data file 'x\.xlsx'"):
         RunFolder(tmp_path).write_data("case", {"x.xlsx": []})
 
 
 def test_writes_leave_no_temporary_files(tmp_path):
     folder = RunFolder(tmp_path)
-    folder.write_data("c[a=1]", {"t.csv": [{"a": 1}], "t.json": {"b": np.float32(2.5)}, "a.npy": np.arange(3)})
+    folder.write_data(
+        "c[a=1]", {"t.csv": [{"a": 1}], "t.json": {"b": np.float32(2.5)}, "a.npy": np.arange(3)}
+    )
     files = sorted(p.name for p in (tmp_path / "data" / "c[a=1]").iterdir())
     assert files == ["a.npy", "t.csv", "t.json"]
     assert np.load(tmp_path / "data" / "c[a=1]" / "a.npy", allow_pickle=False).tolist() == [0, 1, 2]
@@ -91,9 +110,17 @@ def test_jsonable_handles_numpy_and_non_finite():
     assert to_jsonable(value) == {"1": 3, "a": [0.5, "nan"], "arr": [[1.0, 0.0], [0.0, 1.0]]}
 
 
-@pytest.mark.parametrize(("value", "digits", "text"), [
-    (3.14159265, 4, "3.142"), (1234567.0, 4, "1.235e+06"), (0.000123, 4, "1.230e-04"), (12, 4, "12"),
-    (None, 4, "–"), (2.5, 2, "2.5"), (0.0, 4, "0"),
-])
+@pytest.mark.parametrize(
+    ("value", "digits", "text"),
+    [
+        (3.14159265, 4, "3.142"),
+        (1234567.0, 4, "1.235e+06"),
+        (0.000123, 4, "1.230e-04"),
+        (12, 4, "12"),
+        (None, 4, "–"),
+        (2.5, 2, "2.5"),
+        (0.0, 4, "0"),
+    ],
+)
 def test_fmt_formats_significant_digits(value, digits, text):
     assert fmt(value, digits) == text
