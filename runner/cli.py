@@ -104,11 +104,9 @@ def _validate(args: argparse.Namespace, out: Console) -> int:
 
 
 def _load_plan(path: Path, keyword: str | None = None) -> Any:
-    from runner.loader import load_spec
-    from runner.planner import build_plan, select_cases
+    from runner.planner import load_plan
 
-    spec, doc = load_spec(path)
-    return select_cases(build_plan(spec, doc), keyword)
+    return load_plan(path, keyword)
 
 
 def _plan(args: argparse.Namespace, out: Console) -> int:

@@ -255,9 +255,11 @@ def _unwrap_model(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def load_spec(path: Path, display: str | None = None) -> tuple[ExperimentSpec, SpecDocument]:
-    """Read and validate the top-level spec (params are checked by the planner)."""
-    doc = read_document(path, display)
+def load_spec(
+    path: Path, display: str | None = None, *, document: SpecDocument | None = None
+) -> tuple[ExperimentSpec, SpecDocument]:
+    """Read (unless ``document`` is given) and validate the top-level spec; params are the planner's."""
+    doc = document or read_document(path, display)
     try:
         spec = ExperimentSpec.model_validate(doc.data)
     except ValidationError as exc:

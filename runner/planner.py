@@ -11,6 +11,7 @@ import dataclasses
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -18,11 +19,11 @@ from pydantic import BaseModel, ValidationError
 from runner.errors import ExpressionError, SpecError, SpecProblem
 from runner.expressions import Expression, parse_expression
 from runner.keywords import compile_keyword_expression
-from runner.loader import Loc, SpecDocument, problems_from, sort_problems
+from runner.loader import Loc, SpecDocument, load_spec, problems_from, read_document, sort_problems
 from runner.registry import ANALYSES, did_you_mean
 from runner.spec import DatasetSpec, ExperimentSpec, ModelSpec, StepSpec, SweepSpec
 
-__all__ = ["Case", "Plan", "build_plan", "select_cases"]
+__all__ = ["Case", "Plan", "build_plan", "load_plan", "select_cases"]
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,30 @@ def build_plan(spec: ExperimentSpec, doc: SpecDocument) -> Plan:
     if problems:
         raise SpecError(sort_problems(_unique(problems)))
     return Plan(spec, doc.path, tuple(_dedupe_ids(cases)))
+
+
+def load_plan(path: Path, keyword: str | None = None) -> Plan:
+    """Read, validate and plan a spec file, reporting every problem in it at once."""
+    doc = read_document(path)
+    try:
+        spec, _ = load_spec(path, document=doc)
+    except SpecError as exc:
+        # The spec's own fields are invalid; still check each step's params so that the user
+        # sees every problem of the file in one pass.
+        raise SpecError(sort_problems(_unique([*exc.problems, *_raw_params_problems(doc)]))) from None
+    return select_cases(build_plan(spec, doc), keyword)
+
+
+def _raw_params_problems(doc: SpecDocument) -> list[SpecProblem]:
+    steps = doc.data.get("steps") if isinstance(doc.data, dict) else None
+    problems: list[SpecProblem] = []
+    for index, step in enumerate(steps if isinstance(steps, list) else []):
+        if not isinstance(step, dict) or step.get("analysis") not in ANALYSES:
+            continue
+        params = step.get("params", {})
+        if isinstance(params, dict):
+            _validate_params(ANALYSES.get(step["analysis"]).params_model, params, {}, index, doc, problems)
+    return problems
 
 
 def select_cases(plan: Plan, keyword: str | None) -> Plan:

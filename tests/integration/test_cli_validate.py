@@ -72,7 +72,7 @@ def test_every_error_in_a_file_is_reported_at_once(write_spec, run_cli):
     assert code == 2
     assert f"{path}:2:7: seed:" in out
     assert f"{path}:3:17: model.device: Input should be 'auto', 'cpu' or 'cuda' (got 'gpu')" in out
-    # params are checked in a second stage, once the spec's own fields are valid
+    assert f"{path}:7:17: steps[0].params.n: Input should be a valid integer" in out
     assert "1 invalid" in out
 
 
