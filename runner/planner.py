@@ -116,7 +116,10 @@ def _raw_params_problems(doc: SpecDocument) -> list[SpecProblem]:
     steps = doc.data.get("steps") if isinstance(doc.data, dict) else None
     problems: list[SpecProblem] = []
     for index, step in enumerate(steps if isinstance(steps, list) else []):
-        if not isinstance(step, dict) or step.get("analysis") not in ANALYSES:
+        name = step.get("analysis") if isinstance(step, dict) else None
+        if isinstance(name, str) and name not in ANALYSES:
+            problems.append(doc.problem(("steps", index, "analysis"), ANALYSES.unknown_message(name)))
+        if not isinstance(name, str) or name not in ANALYSES:
             continue
         params = step.get("params", {})
         if isinstance(params, dict):

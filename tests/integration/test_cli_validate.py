@@ -239,3 +239,11 @@ def test_show_unknown_analysis_suggests(run_cli):
     code, _, err = run_cli("show", "toyy")
     assert code == 2
     assert "Unknown analysis 'toyy'. Did you mean 'toy'?" in err
+
+
+def test_unknown_analysis_is_reported_with_other_field_errors(write_spec, run_cli):
+    path = write_spec(GOOD.replace("analysis: toy", "analysis: toyy") + "seed: abc\n")
+    code, out, _ = run_cli("validate", path)
+    assert code == 2
+    assert f"{path}:4:15: steps[0].analysis: Unknown analysis 'toyy'" in out
+    assert f"{path}:6:7: seed:" in out
