@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
@@ -71,6 +72,7 @@ class StepContext:
         progress: Callable[[Iterable[Any], int | None, str], Iterator[Any]] | None = None,
         finished: Callable[[str], list[FinishedCase]] | None = None,
         run_cache: dict[Any, Any] | None = None,
+        spec_dir: Path | None = None,
     ) -> None:
         self.case_id = case_id
         self.seed = seed
@@ -79,6 +81,8 @@ class StepContext:
         self._progress = progress
         self._finished = finished or (lambda step_id: [])
         self._run_cache = run_cache if run_cache is not None else {}
+        self.spec_dir = spec_dir or Path.cwd()
+        """The spec file's folder: relative paths in params are resolved against it."""
         self.notes: list[str] = []
 
     @property
