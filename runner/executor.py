@@ -207,6 +207,7 @@ def _context(
         progress=reporter.progress,
         finished=lambda step_id: list(finished.get(step_id, [])),
         run_cache=run_cache,
+        spec_dir=resources.base_dir,
     )
     return ctx
 
