@@ -132,20 +132,23 @@ def run_plan(
     run = RunResult([CaseResult(case) for case in plan.cases], 0.0)
     finished: dict[str, list[FinishedCase]] = {}
     run_cache: dict[Any, Any] = {}
-    for result in run.results:
-        try:
-            _run_case(result, folder, resources, reporter, finished, run_cache)
-        except KeyboardInterrupt:
-            result.status, result.error = "not run", "interrupted by the user (Ctrl-C)"
-            run.interrupted = True
-        except ResourceError as exc:
-            result.status, result.error = "error", str(exc)
-            run.aborted = str(exc)
-        run.duration = time.perf_counter() - started
-        if on_case_done is not None:
-            on_case_done(run)
-        if run.interrupted or run.aborted or (exitfirst and result.status in {"failed", "error"}):
-            break
+    try:
+        for result in run.results:
+            try:
+                _run_case(result, folder, resources, reporter, finished, run_cache)
+            except KeyboardInterrupt:
+                result.status, result.error = "not run", "interrupted by the user (Ctrl-C)"
+                run.interrupted = True
+            except ResourceError as exc:
+                result.status, result.error = "error", str(exc)
+                run.aborted = str(exc)
+            run.duration = time.perf_counter() - started
+            if on_case_done is not None:
+                on_case_done(run)
+            if run.interrupted or run.aborted or (exitfirst and result.status in {"failed", "error"}):
+                break
+    except KeyboardInterrupt:  # between cases (e.g. while the manifest is written)
+        run.interrupted = True
     run.duration = time.perf_counter() - started
     return run
 
