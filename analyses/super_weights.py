@@ -18,6 +18,11 @@ zeroed alone, with all of them zeroed, and again after restoring (it must equal 
 exactly). Two controls, matched one to one with the super weights: a random coordinate of the same
 tensor (seeded by the case seed), and the largest-magnitude ordinary weight of the same tensor.
 
+Accuracy (optional, ``accuracy_tasks``): lm-evaluation-harness scores tasks with the model as loaded,
+with every super weight zeroed, and with the random controls zeroed. It runs a transformers view of
+the model whose down projections share storage with the ``HookedTransformer``, so the very same
+edits apply; only Llama-architecture models have such a view for now.
+
 Replaces the seed script ``comprehensive_super_weight_analysis.py`` and keeps its file names
 (``detection_iterations.png``, ``super_weight_distribution.png``, ``impact_comparison.png``,
 ``combined_analysis.png``, ``individual_analyses/sw_{i}_analysis.json``, ``combined_analysis.json``).
@@ -28,21 +33,33 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import torch
+import yaml
 from matplotlib.figure import Figure
 from pydantic import BaseModel, ConfigDict, Field
 
-from analyses._weights import TENSOR, SuperWeight, down_proj, perplexity, token_losses, zeroed
+from analyses._weights import (
+    TENSOR,
+    SuperWeight,
+    down_proj,
+    hf_llama_view,
+    magnitude_controls,
+    perplexity,
+    random_controls,
+    token_losses,
+    zeroed,
+)
 from runner.errors import ResourceError
-from runner.models import LoadedModel, require_hooks
+from runner.models import LoadedModel, hub_reachable, require_hooks
 from runner.params import Indices
-from runner.registry import analysis
+from runner.registry import analysis, did_you_mean
 from runner.step import StepContext, StepOutput
 
 if TYPE_CHECKING:
@@ -58,6 +75,8 @@ __all__ = [
     "measure_spikes",
     "super_weights",
 ]
+
+FwdHooks = list[tuple[str | Callable[..., Any], Callable[..., Any]]]
 
 PROBE_TEXT = "Apple Inc. is a worldwide tech company."
 """The probe sentence of the paper and of the seed scripts."""
@@ -81,7 +100,7 @@ class SuperWeightsParams(BaseModel):
     """The text whose activations are inspected (the paper's sentence by default)."""
 
     prepend_bos: bool | None = None
-    """Start the probe with BOS. Default: as the model's tokenizer does (``model.cfg.default_prepend_bos``)."""
+    """Start the probe with BOS. Default: as the model's tokenizer does (``cfg.default_prepend_bos``)."""
 
     layers: Indices | None = None
     """Layers to search, e.g. ``"0-26"``. Default: every layer. Controls and perplexity are unaffected."""
@@ -94,8 +113,21 @@ class SuperWeightsParams(BaseModel):
     """Also zero each weight's two controls alone (two more perplexity passes per weight). By default
     the controls are zeroed together, as a set matched to the super weights."""
 
+    accuracy_tasks: tuple[str, ...] = ()
+    """lm-evaluation-harness tasks scored with the model as loaded, with every super weight zeroed, and
+    with the matched random coordinates zeroed (the seed's ``--accuracy-tasks``: ``[hellaswag, arc_easy,
+    mmlu, gsm8k]``). Empty: no accuracy. Needs ``pip install lm-eval`` and a Llama-architecture model;
+    the standard tasks download their data from the Hugging Face hub."""
+
+    accuracy_samples: int = Field(default=100, ge=1)
+    """Examples per task (lm-eval's ``limit``; the seed's ``--accuracy-samples``)."""
+
+    task_dir: str | None = None
+    """A folder of your own lm-eval task YAML files (lm-eval's ``include_path``), relative to the spec file.
+    Tasks defined there need no hub when their data files are local."""
+
     batch_size: int = Field(default=8, ge=1)
-    """Passages per forward pass when measuring perplexity. Results do not depend on it."""
+    """Passages per forward pass for perplexity, and lm-eval's batch size. Results do not depend on it."""
 
     top_candidates: int = Field(default=5, ge=1)
     """How many layers with the strongest spikes of the first probe pass the summary lists as
@@ -168,10 +200,12 @@ def measure_spikes(model: HookedTransformer, tokens: torch.Tensor, layers: Seque
         peaks[hook.name] = (float(values[position, channel]), position, channel)
 
     names = [(f"blocks.{layer}.mlp.hook_post", f"blocks.{layer}.hook_mlp_out") for layer in layers]
-    hooks = [(name, record) for pair in names for name in pair]
+    hooks: FwdHooks = [(name, record) for pair in names for name in pair]
     with torch.no_grad():
         model.run_with_hooks(tokens, return_type=None, stop_at_layer=max(layers) + 1, fwd_hooks=hooks)
-    return [LayerSpike(layer, *peaks[inp], *peaks[out]) for layer, (inp, out) in zip(layers, names, strict=True)]
+    return [
+        LayerSpike(layer, *peaks[inp], *peaks[out]) for layer, (inp, out) in zip(layers, names, strict=True)
+    ]
 
 
 def detect_super_weights(
@@ -197,7 +231,7 @@ def detect_super_weights(
             converged = True
             break
         for spike in new:
-            value = float(down_proj(model, spike.layer)[spike.weight.index()])
+            value = _value(model, spike.weight)
             token = token_strings[spike.input_position] if spike.input_position < len(token_strings) else ""
             found.append(Found(spike.weight, value, iteration, spike, token))
     return Detection(found, passes, converged, list(token_strings))
@@ -225,47 +259,11 @@ class Impact:
     magnitude_each: list[float] = field(default_factory=list)
 
 
-def random_controls(
-    model: HookedTransformer, weights: Sequence[SuperWeight], rng: np.random.Generator
-) -> list[SuperWeight]:
-    """One uniformly random coordinate of each weight's tensor, never a super weight, all distinct."""
-    taken = set(weights)
-    controls = []
-    for weight in weights:
-        d_mlp, d_model = down_proj(model, weight.layer).shape
-        while True:
-            candidate = SuperWeight(weight.layer, int(rng.integers(d_model)), int(rng.integers(d_mlp)))
-            if candidate not in taken:
-                break
-        taken.add(candidate)
-        controls.append(candidate)
-    return controls
-
-
-def magnitude_controls(model: HookedTransformer, weights: Sequence[SuperWeight]) -> list[SuperWeight]:
-    """For each weight, the largest-|w| entry of its tensor that is neither a super weight nor taken."""
-    taken = set(weights)
-    controls = []
-    for weight in weights:
-        w_out = down_proj(model, weight.layer).detach()  # (d_mlp, d_model)
-        order = torch.argsort(w_out.abs().flatten(), descending=True, stable=True)
-        for flat in order.tolist():
-            col, row = divmod(flat, w_out.shape[1])
-            candidate = SuperWeight(weight.layer, row, col)
-            if candidate not in taken:
-                break
-        taken.add(candidate)
-        controls.append(candidate)
-    return controls
-
-
 def _value(model: HookedTransformer, weight: SuperWeight) -> float:
     return float(down_proj(model, weight.layer).detach()[weight.index()])
 
 
-def measure_impact(
-    ctx: StepContext, params: SuperWeightsParams, weights: Sequence[SuperWeight]
-) -> Impact:
+def measure_impact(ctx: StepContext, params: SuperWeightsParams, weights: Sequence[SuperWeight]) -> Impact:
     """Perplexity of the dataset under every condition; weights are restored after each one."""
     model = ctx.model.model
     tokens = ctx.dataset.tokens
@@ -311,17 +309,169 @@ def measure_impact(
     return impact
 
 
+# --- accuracy through lm-evaluation-harness -------------------------------------------------------------
+
+METRIC_PREFERENCE = ("acc,none", "exact_match,strict-match", "exact_match,flexible-extract", "acc_norm,none")
+"""The metric reported per task: the first of these that lm-eval returns (else the first number)."""
+
+
+@dataclass
+class AccuracyRunner:
+    """lm-eval, ready to score the case's model: checked before any slow work, run after perplexity."""
+
+    simple_evaluate: Any
+    model: Any
+    """lm-eval's ``HFLM`` around a transformers view of the model (see :func:`hf_llama_view`)."""
+    task_manager: Any
+
+    def scores(self, params: SuperWeightsParams) -> dict[str, dict[str, Any]]:
+        """lm-eval's ``results`` for the model as it is now."""
+        results = self.simple_evaluate(
+            model=self.model,
+            tasks=list(params.accuracy_tasks),
+            task_manager=self.task_manager,
+            limit=params.accuracy_samples,
+            log_samples=False,
+            bootstrap_iters=1000,
+            verbosity="ERROR",
+        )
+        return dict(results["results"]) if results else {}
+
+
+def prepare_accuracy(ctx: StepContext, params: SuperWeightsParams) -> AccuracyRunner:
+    """Check lm-eval, the tasks and the model, and wrap the model; every problem is a clear error."""
+    lm_eval, hflm, task_manager = _lm_eval(ctx, params)
+    view = hf_llama_view(ctx.model.model)  # the down projections share storage with the HookedTransformer
+    wrapped = hflm(pretrained=view, tokenizer=ctx.model.tokenizer, batch_size=params.batch_size)
+    return AccuracyRunner(lm_eval.simple_evaluate, wrapped, task_manager)
+
+
+def measure_accuracy(
+    ctx: StepContext, params: SuperWeightsParams, runner: AccuracyRunner, weights: Sequence[SuperWeight]
+) -> dict[str, dict[str, Any]]:
+    """Each task's score as loaded, with every super weight zeroed, and with the random controls zeroed.
+
+    The view lm-eval runs shares the down projections of the ``HookedTransformer``, so the same
+    :func:`zeroed` edits apply to it.
+    """
+    model = ctx.model.model
+    randoms = random_controls(model, weights, np.random.default_rng(ctx.seed))
+
+    def evaluate(label: str, zero: Sequence[SuperWeight]) -> dict[str, dict[str, Any]]:
+        scores: dict[str, dict[str, Any]] = {}
+        with zeroed(model, zero):
+            for _ in ctx.progress([label], 1, f"accuracy: {label}"):  # one step: shows what is running
+                scores = runner.scores(params)
+        return scores
+
+    conditions = {"baseline": evaluate("baseline", [])}
+    if weights:
+        conditions["all_zeroed"] = evaluate("all super weights zeroed", weights)
+        conditions["random_control"] = evaluate("random controls zeroed", randoms)
+    return _accuracy_table(params.accuracy_tasks, conditions)
+
+
+def _lm_eval(ctx: StepContext, params: SuperWeightsParams) -> tuple[Any, Any, Any]:
+    """lm-eval's module, ``HFLM`` and a ``TaskManager`` knowing ``task_dir``; clear errors otherwise."""
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise ResourceError(
+            f"super_weights case {ctx.case_id}: `accuracy_tasks` needs lm-evaluation-harness, which is not "
+            "installed.\nInstall it with `pip install lm-eval` (or `pip install -e .[eval]`), or leave "
+            "`accuracy_tasks` empty."
+        ) from None
+    include = None
+    if params.task_dir is not None:
+        include = (ctx.spec_dir / params.task_dir).resolve()
+        if not include.is_dir():
+            raise ResourceError(
+                f"super_weights case {ctx.case_id}: task_dir {include} is not a folder.\n"
+                "Point `task_dir` (relative to the spec file) at a folder of lm-eval task YAML files."
+            )
+    remote = [task for task in params.accuracy_tasks if task not in _local_tasks(include)]
+    # Indexing lm-eval's own thousands of task files takes seconds: only when a task may be one of them.
+    manager = TaskManager(
+        include_path=str(include) if include else None, include_defaults=bool(remote), verbosity="ERROR"
+    )
+    _check_tasks(ctx, params, manager, remote)
+    return lm_eval, HFLM, manager
+
+
+def _check_tasks(ctx: StepContext, params: SuperWeightsParams, manager: Any, remote: list[str]) -> None:
+    known = list(manager.all_tasks)
+    unknown = [task for task in params.accuracy_tasks if task not in known]
+    if unknown:
+        hints = "".join(f"\n  {task!r}:{did_you_mean(task, known) or ' no close name.'}" for task in unknown)
+        raise ResourceError(
+            f"super_weights case {ctx.case_id}: lm-eval knows no task "
+            f"{', '.join(map(repr, unknown))}.{hints}\n"
+            "Use lm-eval task names (`lm-eval ls tasks`), or define the task in a YAML file under `task_dir`."
+        )
+    if remote and not hub_reachable():
+        raise ResourceError(
+            f"super_weights case {ctx.case_id}: accuracy tasks {remote} download their data from the Hugging "
+            "Face hub, which is not reachable from this machine.\n"
+            "Run online, define local tasks under `task_dir`, or leave `accuracy_tasks` empty."
+        )
+
+
+def _local_tasks(include: Path | None) -> set[str]:
+    """Task names defined by the YAML files under ``include`` (their ``task:`` keys and file stems)."""
+    names: set[str] = set()
+    for path in include.rglob("*.yaml") if include else ():
+        names.add(path.stem)
+        try:
+            task = yaml.safe_load(path.read_text()).get("task")
+        except (yaml.YAMLError, AttributeError, OSError):  # lm-eval's `!function` tags, non-mappings
+            continue
+        names.update([task] if isinstance(task, str) else [t for t in task or [] if isinstance(t, str)])
+    return names
+
+
+def _main_metric(scores: dict[str, Any]) -> str | None:
+    for name in METRIC_PREFERENCE:
+        if isinstance(scores.get(name), int | float):
+            return name
+    numbers = [
+        k for k, v in scores.items() if isinstance(v, int | float) and "stderr" not in k and k != "sample_len"
+    ]
+    return numbers[0] if numbers else None
+
+
+def _accuracy_table(
+    tasks: Sequence[str], conditions: dict[str, dict[str, dict[str, Any]]]
+) -> dict[str, dict[str, Any]]:
+    """Per task: the metric used, its value under each condition, and every number lm-eval returned."""
+    table: dict[str, dict[str, Any]] = {}
+    for task in tasks:
+        baseline = conditions["baseline"].get(task, {})
+        metric = _main_metric(baseline)
+        row: dict[str, Any] = {"metric": metric, "n": baseline.get("sample_len")}
+        for condition, results in conditions.items():
+            scores = results.get(task, {})
+            row[condition] = scores.get(metric) if metric else None
+            row[f"{condition}_all"] = {k: v for k, v in scores.items() if isinstance(v, int | float)}
+        if row.get("all_zeroed") is not None and row["baseline"] is not None:
+            row["drop"] = row["baseline"] - row["all_zeroed"]
+        table[task] = row
+    return table
+
+
 # --- the analysis ---------------------------------------------------------------------------------------
 
 
 @analysis("super_weights", params=SuperWeightsParams)
 def super_weights(ctx: StepContext, params: SuperWeightsParams) -> StepOutput:
-    """Detect super weights on a probe text and measure how much zeroing them raises perplexity."""
+    """Detect super weights on a probe text; measure what zeroing them does to perplexity (and accuracy)."""
     start = time.perf_counter()
     loaded = ctx.model
     layers = _resolve_layers(ctx, params)
+    accuracy_runner = prepare_accuracy(ctx, params) if params.accuracy_tasks else None
     tokens = _probe_tokens(loaded, params)
-    strings = [loaded.tokenizer.decode([t]) for t in tokens[0].tolist()]
+    strings = [str(loaded.tokenizer.decode([t])) for t in tokens[0].tolist()]
     detection = detect_super_weights(
         loaded.model,
         tokens,
@@ -334,10 +484,15 @@ def super_weights(ctx: StepContext, params: SuperWeightsParams) -> StepOutput:
     weights = [f.weight for f in detection.found]
     impact = measure_impact(ctx, params, weights) if params.perplexity else None
     _note_impact(ctx, impact)
+    accuracy = measure_accuracy(ctx, params, accuracy_runner, weights) if accuracy_runner else None
     records = _weight_records(ctx, detection, impact)
-    summary = _summary(ctx, params, detection, impact, records)
+    summary = _summary(ctx, params, detection, impact, records, accuracy)
     data = _data_files(ctx, params, detection, impact, records, summary, time.perf_counter() - start)
-    return StepOutput(summary=summary, data=data, plots=_plots(ctx, params, detection, impact, records))
+    plots = _plots(ctx, params, detection, impact, records)
+    if accuracy:
+        data["accuracy.json"] = accuracy
+        plots["accuracy_comparison.png"] = _accuracy_plot(accuracy, ctx.model.name)
+    return StepOutput(summary=summary, data=data, plots=plots)
 
 
 def _resolve_layers(ctx: StepContext, params: SuperWeightsParams) -> list[int]:
@@ -350,7 +505,8 @@ def _resolve_layers(ctx: StepContext, params: SuperWeightsParams) -> list[int]:
             raise ResourceError(
                 f"super_weights case {ctx.case_id}: layers {missing} do not exist in model "
                 f"{ctx.model.name!r}, which has {n_layers} layers (0-{n_layers - 1}).\n"
-                f"Set `layers` within that range, e.g. '0-{n_layers - 1}', or leave it out to search every layer."
+                f"Set `layers` within that range, e.g. '0-{n_layers - 1}', "
+                "or leave it out to search every layer."
             )
         layers = sorted(params.layers)
     hooks = [f"blocks.{layer}.{site}" for layer in layers for site in ("mlp.hook_post", "hook_mlp_out")]
@@ -372,7 +528,8 @@ def _note_detection(ctx: StepContext, params: SuperWeightsParams, detection: Det
         best = max(detection.passes[0], key=lambda s: min(abs(s.input_value), abs(s.output_value)))
         ctx.note(
             f"No layer has both spikes above spike_threshold={params.spike_threshold:g}. The strongest is "
-            f"layer {best.layer}: |input| {abs(best.input_value):.3g}, |output| {abs(best.output_value):.3g}. "
+            f"layer {best.layer}: |input| {abs(best.input_value):.3g}, "
+            f"|output| {abs(best.output_value):.3g}. "
             "See `top_candidates`; lower `spike_threshold` to test them."
         )
     elif not detection.converged:
@@ -426,7 +583,9 @@ def _weight_records(ctx: StepContext, detection: Detection, impact: Impact | Non
     return records
 
 
-def _control_records(controls: list[tuple[SuperWeight, float]], each: list[float], baseline: float) -> list[Any]:
+def _control_records(
+    controls: list[tuple[SuperWeight, float]], each: list[float], baseline: float
+) -> list[Any]:
     rows = []
     for i, (weight, value) in enumerate(controls):
         row: dict[str, Any] = {**weight.as_dict(), "value": value}
@@ -461,7 +620,8 @@ def _top_candidates(detection: Detection, k: int) -> list[dict[str, Any]]:
     """The first pass's layers ranked by their weaker spike, ``min(|input|, |output|)``."""
     ranked = sorted(detection.passes[0], key=lambda s: -min(abs(s.input_value), abs(s.output_value)))
     return [
-        {**s.weight.as_dict(), "input_value": s.input_value, "output_value": s.output_value} for s in ranked[:k]
+        {**s.weight.as_dict(), "input_value": s.input_value, "output_value": s.output_value}
+        for s in ranked[:k]
     ]
 
 
@@ -471,8 +631,9 @@ def _summary(
     detection: Detection,
     impact: Impact | None,
     records: list[dict[str, Any]],
+    accuracy: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """What expectations read: ``n_found``, ``ppl.ratio_all``, ``strongest.layer``, ``weights[0].row``…"""
+    """What expectations read: ``n_found``, ``ppl.ratio_all``, ``strongest.row``, ``accuracy.piqa.drop``…"""
     keys = ("layer", "row", "col", "value", "iteration", "input_value", "output_value", "ppl", "ppl_ratio")
     weights = [{k: r[k] for k in keys if k in r} for r in records]
     strongest = max(weights, key=lambda w: w.get("ppl_ratio", abs(w["output_value"])), default=None)
@@ -488,6 +649,11 @@ def _summary(
             "random": _control_records(impact.random_controls, impact.random_each, impact.baseline),
             "magnitude": _control_records(impact.magnitude_controls, impact.magnitude_each, impact.baseline),
         },
+        "accuracy": None
+        if accuracy is None
+        else {
+            task: {k: v for k, v in row.items() if not k.endswith("_all")} for task, row in accuracy.items()
+        },
         "converged": detection.converged,
         "iterations": len(detection.passes),
         "spike_threshold": params.spike_threshold,
@@ -499,7 +665,12 @@ def _summary(
 def _spike_rows(detection: Detection, threshold: float) -> list[dict[str, Any]]:
     found = {(f.iteration, f.weight) for f in detection.found}
     return [
-        {"iteration": i, **asdict(s), "passes_threshold": s.passes(threshold), "detected": (i, s.weight) in found}
+        {
+            "iteration": i,
+            **asdict(s),
+            "passes_threshold": s.passes(threshold),
+            "detected": (i, s.weight) in found,
+        }
         for i, spikes in enumerate(detection.passes)
         for s in spikes
     ]
@@ -515,9 +686,15 @@ def _data_files(
     seconds: float,
 ) -> dict[str, Any]:
     """The seed's per-model JSON files, plus flat tables of the weights and of every probe pass."""
-    config = {**params.model_dump(mode="json"), "model": ctx.model.name, "dataset": _dataset_facts(ctx, params)}
+    config = {
+        **params.model_dump(mode="json"),
+        "model": ctx.model.name,
+        "dataset": _dataset_facts(ctx, params),
+    }
     data: dict[str, Any] = {
-        "super_weights.csv": pd.DataFrame(records, columns=list(records[0]) if records else ["index", "layer"]),
+        "super_weights.csv": pd.DataFrame(
+            records, columns=list(records[0]) if records else ["index", "layer"]
+        ),
         "super_weights.jsonl": records,
         "detection_spikes.csv": _spike_rows(detection, params.spike_threshold),
         "analysis.json": {"config": config, "summary": summary, "seconds": seconds},
@@ -546,7 +723,12 @@ def _dataset_facts(ctx: StepContext, params: SuperWeightsParams) -> dict[str, An
     if not params.perplexity:
         return None
     dataset = ctx.dataset
-    return {"name": dataset.name, "fingerprint": dataset.fingerprint, "passages": len(dataset), "max_len": dataset.max_len}
+    return {
+        "name": dataset.name,
+        "fingerprint": dataset.fingerprint,
+        "passages": len(dataset),
+        "max_len": dataset.max_len,
+    }
 
 
 # --- plots -----------------------------------------------------------------------------------------------
@@ -598,10 +780,18 @@ def _distribution_plot(records: list[dict[str, Any]], threshold: float, model_na
     ys = [abs(r["output_value"]) for r in records]
     points = ax.scatter(xs, ys, c=[r["layer"] for r in records], cmap="viridis", s=50)
     for r, x, y in zip(records, xs, ys, strict=True):
-        ax.annotate(f"L{r['layer']} R{r['row']} C{r['col']}", (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        ax.annotate(
+            f"L{r['layer']} R{r['row']} C{r['col']}",
+            (x, y),
+            fontsize=7,
+            xytext=(4, 3),
+            textcoords="offset points",
+        )
     ax.axvline(threshold, color="gray", linestyle="--", linewidth=1)
     ax.axhline(threshold, color="gray", linestyle="--", linewidth=1)
-    ax.set(xscale="log", yscale="log", xlabel="|input spike| (neuron col)", ylabel="|output spike| (channel row)")
+    ax.set(
+        xscale="log", yscale="log", xlabel="|input spike| (neuron col)", ylabel="|output spike| (channel row)"
+    )
     fig.colorbar(points, ax=ax, label="layer")
     ax.set_title(f"{model_name} · detected super weights", fontsize=10)
     return fig
@@ -613,7 +803,9 @@ def _bars(ax: Any, labels: list[str], values: list[float], colors: list[str], ba
     ax.axhline(baseline, color="black", linewidth=1, linestyle=":")
     ax.set_xticks(range(len(values)), labels, rotation=45, ha="right", fontsize=7)
     for bar, value in zip(bars, values, strict=True):
-        ax.annotate(f"{value:.3g}", (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom", fontsize=6)
+        ax.annotate(
+            f"{value:.3g}", (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom", fontsize=6
+        )
     ax.set_ylabel("perplexity (log scale)")
 
 
@@ -622,7 +814,10 @@ def _impact_plot(impact: Impact, records: list[dict[str, Any]], model_name: str)
     labels = ["baseline"] + [f"L{r['layer']} R{r['row']} C{r['col']}" for r in records]
     values = [impact.baseline] + [r["ppl"] for r in records]
     colors = ["tab:gray"] + ["tab:red"] * len(records)
-    for name, each, color in (("random", impact.random_each, "tab:blue"), ("largest", impact.magnitude_each, "tab:green")):
+    for name, each, color in (
+        ("random", impact.random_each, "tab:blue"),
+        ("largest", impact.magnitude_each, "tab:green"),
+    ):
         controls = impact.random_controls if name == "random" else impact.magnitude_controls
         labels += [f"{name} {c.label()}" for c, _ in controls[: len(each)]]
         values += each
@@ -642,9 +837,33 @@ def _combined_plot(impact: Impact, model_name: str) -> Figure:
         ("largest ordinary\nweights zeroed", impact.magnitude_control, "tab:green"),
         ("restored", impact.restored, "tab:gray"),
     ]
-    kept = [(label, value, color) for label, value, color in conditions if value is not None and math.isfinite(value)]
+    kept = [
+        (label, value, color)
+        for label, value, color in conditions
+        if value is not None and math.isfinite(value)
+    ]
     fig = Figure(figsize=(6.5, 4.2), layout="constrained")
     labels, values, colors = (list(x) for x in zip(*kept, strict=True))
     _bars(fig.add_subplot(), labels, values, colors, impact.baseline)
     fig.suptitle(f"{model_name} · combined effect ({len(impact.single)} super weights)", fontsize=10)
+    return fig
+
+
+def _accuracy_plot(accuracy: dict[str, dict[str, Any]], model_name: str) -> Figure:
+    """Each task's score as loaded, with every super weight zeroed, and with the random controls zeroed."""
+    conditions = [("baseline", "tab:gray"), ("all_zeroed", "tab:red"), ("random_control", "tab:blue")]
+    tasks = list(accuracy)
+    fig = Figure(figsize=(max(5.0, 1.6 * len(tasks) + 2), 4), layout="constrained")
+    ax = fig.add_subplot()
+    width = 0.8 / len(conditions)
+    for i, (condition, color) in enumerate(conditions):
+        values = [accuracy[t].get(condition) for t in tasks]
+        xs = [j + (i - 1) * width for j, v in enumerate(values) if v is not None]
+        ax.bar(
+            xs, [v for v in values if v is not None], width, color=color, label=condition.replace("_", " ")
+        )
+    ax.set_xticks(range(len(tasks)), [f"{t}\n({accuracy[t]['metric']})" for t in tasks], fontsize=8)
+    ax.set(ylim=(0, 1), ylabel="score")
+    ax.legend(fontsize=8)
+    ax.set_title(f"{model_name} · lm-eval accuracy", fontsize=10)
     return fig
