@@ -69,7 +69,7 @@ SAE_WEIGHTS_FILE = "sae_weights.safetensors"
 SAE_CFG_FILE = "cfg.json"
 OFFLINE_ALTERNATIVES = (
     "Use an SAE that loads offline instead:\n"
-    "  sae: {path: ../saes/smollm2-135m/blocks.6.hook_resid_post}   # shipped with runner, for smollm2-135m\n"
+    "  sae: {path: ../saes/smollm2-135m/blocks.12.hook_resid_post}  # shipped with runner, for smollm2-135m\n"
     "  sae: {path: path/to/sae-dir}           # any SAELens directory (cfg.json + sae_weights.safetensors)\n"
     "  sae: {from_step: train}                # trained by an earlier `train_sae` step of the spec"
 )
@@ -493,12 +493,6 @@ def _release_cached(repo_id: str, folder: str) -> bool:
 # Local SAELens directories
 
 
-def _base_dir(ctx: StepContext) -> Path:
-    """The spec file's directory when the context knows it, else the current directory."""
-    base = getattr(ctx, "base_dir", None)
-    return Path(base) if base is not None else Path.cwd()
-
-
 def _from_path(
     ctx: StepContext, template: str, layers: tuple[int, ...] | None, site: str | None, where: str
 ) -> list[LoadedSAE]:
@@ -527,7 +521,7 @@ def _from_path(
 
 def _resolve_dir(ctx: StepContext, text: str, where: str) -> Path:
     path = Path(text).expanduser()
-    base = _base_dir(ctx)
+    base = ctx.spec_dir
     directory = path if path.is_absolute() else (base / path)
     if not directory.is_dir():
         raise ResourceError(
