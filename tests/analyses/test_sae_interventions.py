@@ -1,0 +1,583 @@
+"""sae_interventions against independent computations on tiny models and tiny SAEs (hooks written here)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from pydantic import ValidationError
+
+import analyses.sae_interventions as si
+from runner.artifacts import RunFolder, to_jsonable
+from runner.datasets import TokenDataset
+from runner.errors import ResourceError
+from runner.models import LoadedModel, load_model
+from runner.reports import environment
+from runner.step import StepContext, StepOutput
+
+BOS = 1  # the tiny tokenizer's <|bos|>
+D_SAE = 24
+
+
+def make_sae(loaded: LoadedModel, hook: str, seed: int) -> Any:
+    """A random standard SAE calibrated on the model's activations at ``hook``: its features fire on
+    40% down to 3% of positions, and each decoder direction is half an average activation long."""
+    from sae_lens import StandardSAE, StandardSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    d_in = loaded.model.cfg.d_model
+    torch.manual_seed(seed)
+    sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=D_SAE, metadata=SAEMetadata(hook_name=hook)))
+    with torch.no_grad():
+        _, cache = loaded.model.run_with_cache(
+            tokens_for(loaded, n=16, seed=100 + seed), padding_side="right"
+        )
+        acts = cache[hook][:, 1:].flatten(0, 1)  # (N, d_in), BOS left out
+        sae.b_dec.zero_()
+        sae.W_enc.normal_(0, 1 / d_in**0.5)
+        pre = acts @ sae.W_enc  # (N, d_sae)
+        quantiles = torch.linspace(0.6, 0.97, D_SAE)
+        sae.b_enc.copy_(-torch.stack([pre[:, i].quantile(q) for i, q in enumerate(quantiles)]))
+        directions = torch.nn.functional.normalize(torch.randn(D_SAE, d_in), dim=-1)
+        sae.W_dec.copy_(directions * 0.5 * acts.norm(dim=-1).mean())
+    return sae.eval()
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_llama_dir: Path) -> LoadedModel:
+    """The tiny Llama through runner's loader: rotary, grouped KV heads, RMSNorm."""
+    return load_model(str(tiny_llama_dir))
+
+
+HOOKS = [
+    "blocks.0.hook_resid_post",
+    "blocks.1.hook_resid_pre",
+    "blocks.1.hook_mlp_out",
+    "blocks.1.hook_resid_post",
+]
+
+
+@pytest.fixture(scope="module")
+def sae_dir(tiny_model: LoadedModel, llama: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Calibrated SAEs, one directory per hook: for the tiny Llama at the top, for the tiny GPT-2 in gpt/."""
+    root = tmp_path_factory.mktemp("saes")
+    for seed, hook in enumerate(HOOKS):
+        make_sae(llama, hook, seed).save_model(root / hook)
+        make_sae(tiny_model, hook, seed).save_model(root / "gpt" / hook)
+    return root
+
+
+@pytest.fixture(scope="module")
+def gpt_saes(sae_dir: Path) -> Path:
+    """The SAEs of the tiny GPT-2-style model."""
+    return sae_dir / "gpt"
+
+
+def tokens_for(loaded: LoadedModel, n: int = 6, length: int = 12, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(3, loaded.model.cfg.d_vocab, (n, length), generator=generator)  # (n, T)
+    tokens[:, 0] = BOS
+    return tokens
+
+
+def run(
+    loaded: LoadedModel, sae_dir: Path, tokens: torch.Tensor, seed: int = 0, **params: Any
+) -> tuple[StepOutput, StepContext]:
+    dataset = TokenDataset("random", tokens, "x")
+    resources = {"model": loaded, "dataset": dataset}
+    ctx = StepContext(
+        case_id="case", seed=seed, device="cpu", resources=resources.__getitem__, spec_dir=sae_dir
+    )
+    params.setdefault("batch_size", 4)
+    params["sae"] = {"path": params.pop("path")}
+    return si.sae_interventions(ctx, si.SaeInterventionsParams(**params)), ctx
+
+
+def rows_of(output: StepOutput) -> list[dict[str, Any]]:
+    return output.data["per_feature_metrics.jsonl"]
+
+
+def row(output: StepOutput, layer: int, feature: int, alpha: float) -> dict[str, Any]:
+    [found] = [
+        r for r in rows_of(output) if (r["layer"], r["feature"], r["alpha"]) == (layer, feature, alpha)
+    ]
+    return found
+
+
+def independent(
+    loaded: LoadedModel,
+    sae: Any,
+    hook: str,
+    tokens: torch.Tensor,
+    feature: int,
+    alpha: float,
+    mode: str = "scale",
+) -> dict[str, Any]:
+    """The metrics from two plain forward passes, the edit written directly as a hook."""
+    model = loaded.model
+    keep = torch.ones(tokens.shape, dtype=torch.bool)
+    keep[:, 0] = tokens[:, 0] != BOS
+
+    def edit(act: torch.Tensor, hook: Any) -> torch.Tensor:
+        f = sae.encode(act)[..., feature]
+        new = {"scale": alpha * f, "ablate": torch.zeros_like(f), "clamp": torch.full_like(f, alpha)}[mode]
+        return act + ((new - f) * keep).unsqueeze(-1) * sae.W_dec[feature]
+
+    with torch.no_grad():
+        clean, cache = model.run_with_cache(tokens, padding_side="right")
+        edited = model.run_with_hooks(tokens, fwd_hooks=[(hook, edit)], padding_side="right")
+        f = sae.encode(cache[hook])[..., feature] * keep  # (n, T)
+    logp, logq = clean[:, :-1].log_softmax(-1).double(), edited[:, :-1].log_softmax(-1).double()
+    target = tokens[:, 1:].unsqueeze(-1)
+    delta_ce = (logp.gather(-1, target) - logq.gather(-1, target)).squeeze(-1)  # (n, T-1)
+    kl = (logp.exp() * (logp - logq)).sum(-1)
+    fires = f[:, :-1] > 0
+    logit_delta = (edited - clean)[:, :-1].double()
+    changed = {"scale": (alpha * f != f), "ablate": f != 0, "clamp": (f != alpha)}[mode] & keep
+    return {
+        "delta_loss": delta_ce.mean().item(),
+        "kl": kl.mean().item(),
+        "delta_loss_where_fires": (delta_ce[fires].mean().item() if fires.any() else None),
+        "kl_where_fires": (kl[fires].mean().item() if fires.any() else None),
+        "firing_fraction": ((f > 0).sum() / keep.sum()).item(),
+        "passages_with_feature": int((f > 0).any(1).sum()),
+        "tokens_intervened": int(changed.sum()),
+        "tokens_affected": int((clean.argmax(-1) != edited.argmax(-1))[:, :-1].sum()),
+        "mean_logit_delta": logit_delta.mean((0, 1)),
+        "logit_delta_where_fires": logit_delta[fires].mean(0) if fires.any() else None,
+    }
+
+
+def assert_matches(got: dict[str, Any], expected: dict[str, Any], tol: float = 2e-6) -> None:
+    for key in ("delta_loss", "kl", "delta_loss_where_fires", "kl_where_fires", "firing_fraction"):
+        if expected[key] is None:
+            assert got[key] is None, key
+        else:
+            assert got[key] == pytest.approx(expected[key], abs=tol), key
+    for key in ("passages_with_feature", "tokens_intervened", "tokens_affected"):
+        assert got[key] == expected[key], key
+    top = expected["mean_logit_delta"].topk(4)
+    if (top.values[:3].diff().abs().min() > 1e-5) and top.values[2] - top.values[3] > 1e-5:  # no ties
+        assert [t["id"] for t in got["top_promoted"][:3]] == top.indices[:3].tolist()
+    assert [t["logit_delta"] for t in got["top_promoted"][:3]] == pytest.approx(
+        top.values[:3].tolist(), abs=tol
+    )
+    low = expected["mean_logit_delta"].topk(3, largest=False)
+    assert [t["logit_delta"] for t in got["top_suppressed"][:3]] == pytest.approx(
+        low.values.tolist(), abs=tol
+    )
+    if expected["logit_delta_where_fires"] is not None:
+        fire_top = expected["logit_delta_where_fires"].topk(3)
+        values = [t["logit_delta"] for t in got["top_promoted_where_fires"][:3]]
+        assert values == pytest.approx(fire_top.values.tolist(), abs=tol)
+
+
+def load_sae(sae_dir: Path, hook: str) -> Any:
+    from sae_lens import SAE
+
+    return SAE.load_from_disk(sae_dir / hook).eval()
+
+
+# --- metrics against independent hooks -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["fast", "loop"])
+def test_metrics_match_independent_hooks(tiny_model: LoadedModel, gpt_saes: Path, method: str) -> None:
+    hook = "blocks.0.hook_resid_post"
+    tokens = tokens_for(tiny_model)
+    output, _ = run(
+        tiny_model, gpt_saes, tokens, path=hook, features="0-5", method=method, alpha_sweep=[0, 2, 4]
+    )
+    sae = load_sae(gpt_saes, hook)
+    for feature in range(6):
+        for alpha in (0.0, 2.0, 4.0):
+            assert_matches(
+                row(output, 0, feature, alpha), independent(tiny_model, sae, hook, tokens, feature, alpha)
+            )
+
+
+def test_rotary_grouped_kv_model_matches_independent_hooks(llama: LoadedModel, sae_dir: Path) -> None:
+    """The fast path's key-value prefix and start_at_layer on a rotary model with grouped KV heads."""
+    hook = "blocks.1.hook_resid_pre"
+    tokens = tokens_for(llama, n=5, length=16)
+    output, _ = run(llama, sae_dir, tokens, path=hook, features="0-5", alpha_sweep=[0], alpha=3)
+    assert output.summary["rows"]["run"] > 0
+    sae = load_sae(sae_dir, hook)
+    for feature in range(6):
+        for alpha in (0.0, 3.0):
+            assert_matches(
+                row(output, 1, feature, alpha), independent(llama, sae, hook, tokens, feature, alpha)
+            )
+
+
+def test_soft_capped_logits_match_independent_hooks(tiny_model: LoadedModel, gpt_saes: Path) -> None:
+    """Soft-capped logits (Gemma 2) are not affine in the residual: compared over the vocabulary."""
+    capped = copy.deepcopy(tiny_model)
+    capped.model.cfg.output_logits_soft_cap = 0.5
+    hook = "blocks.0.hook_resid_post"
+    tokens = tokens_for(capped)
+    output, _ = run(capped, gpt_saes, tokens, path=hook, features="0-3", alpha_sweep=[0], alpha=3)
+    sae = load_sae(gpt_saes, hook)
+    for feature in range(4):
+        for alpha in (0.0, 3.0):
+            assert_matches(
+                row(output, 0, feature, alpha), independent(capped, sae, hook, tokens, feature, alpha)
+            )
+
+
+@pytest.mark.parametrize("mode", ["clamp", "ablate"])
+def test_clamp_and_ablate_match_independent_hooks(llama: LoadedModel, sae_dir: Path, mode: str) -> None:
+    hook = "blocks.1.hook_resid_pre"
+    tokens = tokens_for(llama, n=4, length=10)
+    output, _ = run(llama, sae_dir, tokens, path=hook, features=[2, 5], mode=mode, alpha_sweep=[0.5], alpha=3)
+    sae = load_sae(sae_dir, hook)
+    alphas = [0.0] if mode == "ablate" else [0.5, 3.0]
+    assert sorted({r["alpha"] for r in rows_of(output)}) == alphas
+    for feature in (2, 5):
+        for alpha in alphas:
+            got = row(output, 1, feature, alpha)
+            assert_matches(got, independent(llama, sae, hook, tokens, feature, alpha, mode))
+
+
+def test_a_site_inside_the_block_matches_independent_hooks(llama: LoadedModel, sae_dir: Path) -> None:
+    hook = "blocks.1.hook_mlp_out"
+    tokens = tokens_for(llama, n=4, length=10)
+    output, _ = run(llama, sae_dir, tokens, path=hook, features=[0, 3, 7], alpha_sweep=[0, 2])
+    sae = load_sae(sae_dir, hook)
+    for feature in (0, 3, 7):
+        assert_matches(row(output, 1, feature, 2.0), independent(llama, sae, hook, tokens, feature, 2.0))
+
+
+def test_fast_path_equals_loop_on_every_metric_over_several_layers(llama: LoadedModel, sae_dir: Path) -> None:
+    tokens = tokens_for(llama, n=7, length=14, seed=3)
+    common = {
+        "path": "blocks.{layer}.hook_resid_post",
+        "layers": "0-1",
+        "features": "0-5",
+        "alpha_sweep": [0],
+        "alpha": 3,
+    }
+    fast, _ = run(llama, sae_dir, tokens, method="fast", batch_size=3, **common)
+    loop, _ = run(llama, sae_dir, tokens, method="loop", batch_size=3, **common)
+    for a, b in zip(rows_of(fast), rows_of(loop), strict=True):
+        for key, value in a.items():
+            if isinstance(value, float):
+                assert value == pytest.approx(b[key], abs=1e-6), key
+            elif isinstance(value, list):
+                assert [t["logit_delta"] for t in value] == pytest.approx(
+                    [t["logit_delta"] for t in b[key]], abs=1e-6
+                )
+            else:
+                assert value == b[key], key
+
+
+# --- exactness of what the fast path skips ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["fast", "loop"])
+def test_alpha_one_gives_exactly_zero_deltas(tiny_model: LoadedModel, gpt_saes: Path, method: str) -> None:
+    output, _ = run(
+        tiny_model,
+        gpt_saes,
+        tokens_for(tiny_model),
+        path="blocks.0.hook_resid_post",
+        features="0-9",
+        method=method,
+    )
+    ones = [r for r in rows_of(output) if r["alpha"] == 1.0]
+    assert len(ones) == 10
+    for r in ones:
+        assert (r["delta_loss"], r["kl"], r["tokens_affected"], r["tokens_intervened"]) == (0.0, 0.0, 0, 0)
+        assert all(t["logit_delta"] == 0.0 for t in r["top_promoted"] + r["top_suppressed"])
+    assert output.summary["identity_max_abs"] == 0.0
+
+
+def test_passages_where_the_feature_never_fires_add_exactly_zero(llama: LoadedModel, sae_dir: Path) -> None:
+    hook = "blocks.1.hook_resid_pre"
+    tokens = tokens_for(llama, n=8, length=12, seed=5)
+    sae = load_sae(sae_dir, hook)
+    with torch.no_grad():
+        _, cache = llama.model.run_with_cache(tokens, padding_side="right")
+        fires = (sae.encode(cache[hook])[:, 1:] > 0).any(1)  # (n, d_sae): passage x feature, BOS excluded
+    partial = [f for f in range(D_SAE) if 0 < int(fires[:, f].sum()) < len(tokens)]
+    assert partial, "the tiny SAE should have features that fire in some passages only"
+    feature = partial[0]
+    silent, firing = tokens[~fires[:, feature]], tokens[fires[:, feature]]
+    # The loop runs the silent passages through the model: exactly the clean output.
+    loop, _ = run(
+        llama, sae_dir, silent, path=hook, features=[feature], method="loop", alpha_sweep=[0], alpha=4
+    )
+    assert [(r["delta_loss"], r["kl"], r["tokens_affected"]) for r in rows_of(loop)] == [(0.0, 0.0, 0)] * 2
+    # The fast path skips them, yet counts their tokens in every mean.
+    full, _ = run(llama, sae_dir, tokens, path=hook, features=[feature], alpha_sweep=[0], alpha=4)
+    only, _ = run(llama, sae_dir, firing, path=hook, features=[feature], alpha_sweep=[0], alpha=4)
+    assert full.summary["rows"]["not_firing"] == 2 * len(silent)
+    for a, b in zip(rows_of(full), rows_of(only), strict=True):
+        assert a["delta_loss"] * len(tokens) == pytest.approx(b["delta_loss"] * len(firing), rel=1e-6)
+        assert a["kl"] * len(tokens) == pytest.approx(b["kl"] * len(firing), rel=1e-6)
+        assert a["tokens_affected"] == b["tokens_affected"]
+
+
+def test_fast_path_runs_fewer_tokens_than_the_loop(llama: LoadedModel, sae_dir: Path) -> None:
+    tokens = tokens_for(llama, n=6, length=16)
+    fast, _ = run(llama, sae_dir, tokens, path="blocks.1.hook_resid_pre", features="0-5")
+    loop, _ = run(llama, sae_dir, tokens, path="blocks.1.hook_resid_pre", features="0-5", method="loop")
+    work_fast, work_loop = fast.data["timing.json"], loop.data["timing.json"]
+    assert work_fast["block_token_layers"] < work_loop["block_token_layers"] / 2
+    assert work_fast["rows_identity"] == 6 * 6  # alpha 1 for every passage and feature
+    assert work_loop["forward_passes"] == 6 * 5 * 2  # (feature, alpha) per batch of 4 passages
+
+
+# --- feature selection ----------------------------------------------------------------------------
+
+
+def counts_of(
+    loaded: LoadedModel, sae: Any, hook: str, tokens: torch.Tensor
+) -> tuple[np.ndarray, np.ndarray]:
+    with torch.no_grad():
+        _, cache = loaded.model.run_with_cache(tokens, padding_side="right")
+        f = sae.encode(cache[hook])[:, 1:]  # BOS excluded
+    return (f > 0).sum((0, 1)).numpy(), f.mean((0, 1)).double().numpy()
+
+
+def test_top_frequency_picks_the_most_often_firing_features(tiny_model: LoadedModel, gpt_saes: Path) -> None:
+    hook = "blocks.0.hook_resid_post"
+    tokens = tokens_for(tiny_model)
+    output, _ = run(
+        tiny_model, gpt_saes, tokens, path=hook, feature_source="top_frequency", features_per_layer=4
+    )
+    counts, _ = counts_of(tiny_model, load_sae(gpt_saes, hook), hook, tokens)
+    expected = sorted(range(D_SAE), key=lambda f: (-counts[f], f))[:4]
+    assert output.summary["layers"][0]["features"] == expected
+
+
+def test_live_features_are_at_or_above_the_percentile(tiny_model: LoadedModel, gpt_saes: Path) -> None:
+    hook = "blocks.0.hook_resid_post"
+    tokens = tokens_for(tiny_model)
+    output, _ = run(tiny_model, gpt_saes, tokens, path=hook, live_percentile=75, features_per_layer=3)
+    counts, means = counts_of(tiny_model, load_sae(gpt_saes, hook), hook, tokens)
+    threshold = np.percentile(means[counts > 0], 75)
+    chosen = output.summary["layers"][0]["features"]
+    assert len(chosen) == 3 and all(means[f] >= threshold - 1e-7 for f in chosen)
+
+
+def test_random_features_follow_the_seed(tiny_model: LoadedModel, gpt_saes: Path) -> None:
+    tokens = tokens_for(tiny_model)
+    picks = [
+        run(
+            tiny_model,
+            gpt_saes,
+            tokens,
+            seed=seed,
+            path="blocks.0.hook_resid_post",
+            feature_source="random",
+            alpha_sweep=[2],
+        )[0].summary["layers"][0]["features"]
+        for seed in (0, 0, 1)
+    ]
+    assert picks[0] == picks[1] != picks[2]
+
+
+def test_features_per_layer_from_a_dict(llama: LoadedModel, sae_dir: Path) -> None:
+    output, _ = run(
+        llama,
+        sae_dir,
+        tokens_for(llama),
+        path="blocks.{layer}.hook_resid_post",
+        layers="0-1",
+        features={0: "1-2", 1: [4]},
+        alpha_sweep=[2],
+    )
+    assert [output.summary["layers"][layer]["features"] for layer in (0, 1)] == [[1, 2], [4]]
+
+
+def test_features_from_a_csv_in_the_seed_format_keep_their_labels(
+    tiny_model: LoadedModel, gpt_saes: Path
+) -> None:
+    (gpt_saes / "features.csv").write_text("layer,feature,label\n0,3,dots\n0,7,\n1,2,other layer\n")
+    output, _ = run(
+        tiny_model,
+        gpt_saes,
+        tokens_for(tiny_model),
+        path="blocks.0.hook_resid_post",
+        features_csv="features.csv",
+        alpha_sweep=[2],
+    )
+    assert [(r["feature"], r["label"]) for r in rows_of(output)] == [(3, "dots"), (7, "")]
+
+
+def test_missing_csv_says_how_to_write_one(tiny_model: LoadedModel, gpt_saes: Path) -> None:
+    with pytest.raises(ResourceError, match="header `layer,feature,label`"):
+        run(
+            tiny_model,
+            gpt_saes,
+            tokens_for(tiny_model),
+            path="blocks.0.hook_resid_post",
+            features_csv="nope.csv",
+        )
+
+
+def test_feature_beyond_the_sae_names_its_size(tiny_model: LoadedModel, gpt_saes: Path) -> None:
+    with pytest.raises(
+        ResourceError, match=r"features \[30\] \(`features`\) do not exist .* has 24 features \(0-23\)"
+    ):
+        run(tiny_model, gpt_saes, tokens_for(tiny_model), path="blocks.0.hook_resid_post", features=[1, 30])
+
+
+# --- CUDA out-of-memory -----------------------------------------------------------------------------
+
+
+def test_cuda_out_of_memory_halves_the_batch_and_retries(
+    llama: LoadedModel, sae_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tokens = tokens_for(llama, n=6)
+    expected, _ = run(llama, sae_dir, tokens, path="blocks.1.hook_resid_pre", features=[0, 1], batch_size=2)
+    original, attempts = si._clean_batch, []
+
+    def clean_batch(model: Any, batch: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        attempts.append(len(batch))
+        if len(batch) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(model, batch, *args, **kwargs)
+
+    monkeypatch.setattr(si, "_clean_batch", clean_batch)
+    output, ctx = run(llama, sae_dir, tokens, path="blocks.1.hook_resid_pre", features=[0, 1], batch_size=8)
+    assert attempts[:2] == [6, 4] and attempts[2:] == [2, 2, 2]
+    assert "CUDA out of memory: retried the case with batch_size 4." in ctx.notes
+    assert "CUDA out of memory: retried the case with batch_size 2." in ctx.notes
+    assert output.data["timing.json"]["batch_size"] == 2
+    assert rows_of(output) == rows_of(expected)
+
+
+def test_out_of_memory_at_batch_size_one_is_a_clear_error(
+    tiny_model: LoadedModel, gpt_saes: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def always(*args: Any, **kwargs: Any) -> Any:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(si, "_clean_batch", always)
+    with pytest.raises(Exception, match="ran out of memory even with batch_size 1"):
+        run(
+            tiny_model,
+            gpt_saes,
+            tokens_for(tiny_model),
+            path="blocks.0.hook_resid_post",
+            features=[0],
+            batch_size=2,
+        )
+
+
+# --- outputs and report -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_model: LoadedModel, gpt_saes: Path) -> tuple[StepOutput, StepContext]:
+    return run(
+        tiny_model,
+        gpt_saes,
+        tokens_for(tiny_model),
+        path="blocks.{layer}.hook_resid_post",
+        layers="0-1",
+        features="0-3",
+        snippets_per_intervention=2,
+    )
+
+
+def test_data_files_carry_the_seed_names(finished: tuple[StepOutput, StepContext], tmp_path: Path) -> None:
+    output, _ = finished
+    written = RunFolder(tmp_path).write_data("case", output.data)
+    names = {Path(p).name for p in written}
+    assert {
+        "per_feature_metrics.csv",
+        "per_layer_summary.csv",
+        "per_feature_metrics.jsonl",
+        "snippets.jsonl",
+    } <= names
+    table = pd.read_csv(tmp_path / "data" / "case" / "per_feature_metrics.csv")
+    assert len(table) == 2 * 4 * 5  # layers x features x alphas
+    assert list(table.columns[:7]) == ["layer", "hook", "sae_hook", "feature", "label", "mode", "alpha"]
+    layers = pd.read_csv(tmp_path / "data" / "case" / "per_layer_summary.csv")
+    at_two = layers[(layers.layer == 1) & (layers.alpha == 2.0)].iloc[0]
+    assert at_two.mean_delta_loss == pytest.approx(
+        table[(table.layer == 1) & (table.alpha == 2.0)].delta_loss.mean()
+    )
+
+
+def test_plots_are_named_like_the_seed(finished: tuple[StepOutput, StepContext], tmp_path: Path) -> None:
+    written = RunFolder(tmp_path).write_plots("case", finished[0].plots)
+    assert {Path(p).name for p in written} == {
+        "layer_vs_dloss_alpha2.png",
+        "alpha_response_dloss.png",
+        "alpha_response_kl.png",
+    }
+
+
+def test_snippets_hold_the_largest_kl_positions(finished: tuple[StepOutput, StepContext]) -> None:
+    snippets = finished[0].data["snippets.jsonl"]
+    first = [s for s in snippets if (s["layer"], s["feature"], s["alpha"]) == (0, 0, 4.0)]
+    assert len(first) == 2 and first[0]["kl"] >= first[1]["kl"] > 0
+    assert first[0]["context"].endswith(first[0]["context"][-1:]) and first[0]["next_token"]
+    assert "# Largest changes in prediction (scale, alpha 2)" in finished[0].data["snippets.md"]
+
+
+def test_summary_names_hooks_and_the_strongest_effect(finished: tuple[StepOutput, StepContext]) -> None:
+    summary = finished[0].summary
+    assert summary["layers"][0]["hook"] == "blocks.0.hook_resid_post"
+    assert len(summary["layers"][1]["delta_loss_by_alpha"]) == len(summary["alphas"]) == 5
+    at_two = [r for r in rows_of(finished[0]) if r["alpha"] == 2.0]
+    assert abs(summary["top_effect"]["delta_loss"]) == max(abs(r["delta_loss"]) for r in at_two)
+
+
+@pytest.mark.parametrize("template", ["sae_interventions.md.j2", "sae_interventions.html.j2"])
+def test_report_partials_render(finished: tuple[StepOutput, StepContext], template: str) -> None:
+    output, ctx = finished
+
+    @dataclasses.dataclass
+    class Plot:
+        name: str
+        path: str
+        data_uri: str = "data:image/png;base64,AAAA"
+
+    case = {
+        "summary": to_jsonable(output.summary),
+        "notes": ctx.notes,
+        "step_id": "interventions",
+        "plots": [Plot(Path(n).stem, f"plots/case/{n}") for n in output.plots],
+        "data_files": [f"data/case/{n}" for n in output.data],
+    }
+    text = environment().get_template(f"analyses/{template}").render(case=case)
+    assert "SAE feature interventions" in text and "blocks.1.hook_resid_post" in text
+    assert "layer_vs_dloss_alpha2" in text
+    assert "alpha = 1 is exactly the clean model" in text
+
+
+# --- params ---------------------------------------------------------------------------------------
+
+
+def test_params_read_the_seed_alpha_sweep_syntax() -> None:
+    params = si.SaeInterventionsParams(sae={"path": "x"}, alpha_sweep="0,0.5,1,2,4", alpha=3)
+    assert params.alphas() == (0.0, 0.5, 1.0, 2.0, 4.0, 3.0)
+
+
+def test_params_infer_the_feature_source() -> None:
+    assert si.SaeInterventionsParams(sae={"path": "x"}).chosen_source == "live"
+    assert si.SaeInterventionsParams(sae={"path": "x"}, features=[1]).chosen_source == "explicit"
+    assert si.SaeInterventionsParams(sae={"path": "x"}, features_csv="f.csv").chosen_source == "csv"
+
+
+def test_params_refuse_features_that_would_be_ignored() -> None:
+    with pytest.raises(
+        ValidationError, match="`features` is only read with feature_source `explicit`, not `random`"
+    ):
+        si.SaeInterventionsParams(sae={"path": "x"}, features=[1], feature_source="random")
+
+
+def test_params_need_an_sae() -> None:
+    with pytest.raises(ValidationError, match="sae"):
+        si.SaeInterventionsParams()  # type: ignore[call-arg]
