@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -180,19 +181,18 @@ def _show(args: argparse.Namespace, out: Console) -> int:
 
 
 def type_name(annotation: Any) -> str:
-    """A readable type: ``Literal['a', 'b']`` → ``'a' | 'b'``, ``tuple[int, ...]`` → ``indices``."""
+    """A readable type: ``Literal["a", "b"]`` → ``'a' | 'b'``; ``Indices`` → ``indices (...)``."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is typing.Literal:
         return " | ".join(repr(a) for a in args)
     if origin is typing.Annotated:
         return "indices ('0-23', '0,5,10')" if args[0] == tuple[int, ...] else type_name(args[0])
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(type_name(a) for a in args)
     if args:
-        return (
-            " | ".join(type_name(a) for a in args)
-            if origin in (typing.Union, type(int | None))
-            else str(annotation).replace("typing.", "")
-        )
-    return getattr(annotation, "__name__", str(annotation)).replace("NoneType", "None")
+        inner = ", ".join("..." if a is Ellipsis else type_name(a) for a in args)
+        return f"{getattr(origin, '__name__', str(origin))}[{inner}]"
+    return "None" if annotation is type(None) else getattr(annotation, "__name__", str(annotation))
 
 
 COMMANDS = {
