@@ -21,6 +21,20 @@ from runner.errors import ResourceError
 __all__ = ["TokenDataset", "fingerprint_tokens", "load_text", "tokenize_passages"]
 
 HUB_ALIASES = {"wikitext-2": ("wikitext", "wikitext-2-raw-v1")}
+STDLIB_SKIPPED_DIRS = frozenset(
+    {
+        "test",
+        "tests",
+        "idle_test",
+        "idlelib",
+        "lib2to3",
+        "turtledemo",
+        "ensurepip",
+        "site-packages",
+        "__pycache__",
+    }
+)
+"""Standard-library folders that ``python-stdlib`` leaves out: test suites, GUI demos, bundled packages."""
 
 
 @dataclass
@@ -53,9 +67,12 @@ class TokenDataset:
 def load_text(
     name: str, *, split: str = "test", text_field: str = "text", base_dir: Path | None = None
 ) -> str:
-    """The raw text of dataset ``name``: ``python-docs``, a ``.txt``/``.jsonl`` file, or a hub dataset."""
+    """The raw text of dataset ``name``: ``python-docs``, ``python-stdlib``, a ``.txt``/``.jsonl`` file, or a
+    hub dataset."""
     if name == "python-docs":
         return _python_docs_text()
+    if name == "python-stdlib":  # ~2M characters: python-docs, then the standard library's docstrings
+        return _python_docs_text() + "\n\n" + _stdlib_docstrings_text()
     path = Path(name) if base_dir is None or Path(name).is_absolute() else base_dir / name
     if path.suffix in {".txt", ".md", ".jsonl", ".json"} or path.exists():
         return _file_text(path, text_field)
@@ -66,6 +83,30 @@ def _python_docs_text() -> str:
     from pydoc_data.topics import topics
 
     return "\n\n".join(topics[key] for key in sorted(topics))
+
+
+def _stdlib_docstrings_text() -> str:
+    """Every distinct docstring of 40 characters or more (modules, classes, functions) of the standard
+    library's ``.py`` files, in sorted file order: the same text for a given Python version."""
+    import ast
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docstrings: dict[str, None] = {}
+    for path in sorted(root.rglob("*.py")):
+        relative = path.relative_to(root)
+        if STDLIB_SKIPPED_DIRS.intersection(relative.parts[:-1]) or relative.name.startswith("test_"):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+                doc = ast.get_docstring(node, clean=True)
+                if doc and len(doc) >= 40:
+                    docstrings[doc] = None
+    return "\n\n".join(docstrings)
 
 
 def _file_text(path: Path, text_field: str) -> str:

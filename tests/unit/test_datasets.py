@@ -74,3 +74,11 @@ def test_hub_dataset_fails_fast_offline_naming_alternatives(monkeypatch):
         load_text("wikitext-2")
     message = str(info.value)
     assert "Cannot load dataset 'wikitext-2'" in message and "dataset: {name: python-docs}" in message
+
+
+def test_python_stdlib_adds_the_standard_library_docstrings():
+    docs, stdlib = load_text("python-docs"), load_text("python-stdlib")
+    assert stdlib.startswith(docs)
+    assert len(stdlib) > 3 * len(docs)
+    assert "Return" in stdlib[len(docs) :]
+    assert stdlib == load_text("python-stdlib")
