@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from runner import models, saes
 
@@ -136,7 +137,18 @@ def test_seed_default_spec_fails_fast_offline(
 
 @pytest.mark.slow
 def test_embedded_interventions_spec_runs_offline(run_cli, tmp_path: Path) -> None:
-    code, out, _ = run_cli("run", SPECS / "smollm2_interventions.yaml", "--output-dir", tmp_path / "runs")
+    # The committed spec on fewer passages and features, to keep CI short; model, SAE and alphas
+    # are the spec's own. Only the exactness expectation is kept: on 8 passages and 2 features the
+    # sign of a loss change is not the spec's claim.
+    spec = yaml.safe_load((SPECS / "smollm2_interventions.yaml").read_text())
+    spec["dataset"]["max_passages"] = 8
+    spec["expectations"] = [e for e in spec["expectations"] if "identity_max_abs" in e["that"]]
+    params = spec["steps"][0]["params"]
+    params["features_per_layer"] = 2
+    params["sae"]["path"] = str((SPECS / params["sae"]["path"]).resolve())
+    path = tmp_path / "smollm2_interventions.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    code, out, _ = run_cli("run", path, "--output-dir", tmp_path / "runs")
     assert code == 0, out
     folder = next((tmp_path / "runs" / "smollm2-interventions").iterdir())
     [case] = json.loads((folder / "manifest.json").read_text())["cases"].values()
