@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny models and an offline tokenizer, built in memory in a second or two.
+"""Shared fixtures: tiny models and an offline tokenizer, built in memory in a second or two, and
+``render_partial``, which renders an analysis's report partial exactly as a run does.
 
 Nothing here touches the network: the tokenizer is a byte-level BPE trained on text from the
 standard library (``pydoc_data``), and the models are randomly initialised.
@@ -7,12 +8,17 @@ standard library (``pydoc_data``), and the models are randomly initialised.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+
+from runner.artifacts import RunFolder, to_jsonable
+from runner.reports import CaseView, PlotView, environment
+from runner.step import StepOutput
 
 TINY_VOCAB = 320
 SPECIAL_TOKENS = ["<|endoftext|>", "<|bos|>", "<|pad|>"]  # ids 0, 1, 2
@@ -202,3 +208,38 @@ def _llama_cpp_permute(weight: np.ndarray, n_heads: int) -> np.ndarray:
         .swapaxes(1, 2)
         .reshape(weight.shape)
     )
+
+
+@pytest.fixture
+def render_partial(tmp_path: Path) -> Callable[..., str]:
+    """``render_partial(output, "<analysis>.md.j2", step_id="case")``: a report partial as a run renders it.
+
+    The case's files are written into ``tmp_path`` by the run's own writers (``data/<step id>/``,
+    ``plots/<step id>/``, the case id being the step id as for an unswept step), the case is the
+    report's :class:`CaseView` with :class:`PlotView` plots (real PNG data URIs), and the template
+    comes from :func:`runner.reports.environment` (the real ``fmt`` filter, HTML autoescaping).
+    """
+
+    def render(output: StepOutput, template: str, *, step_id: str = "case") -> str:
+        folder = RunFolder(tmp_path)
+        plots = [PlotView(Path(p).stem, p, tmp_path) for p in folder.write_plots(step_id, output.plots)]
+        case = CaseView(
+            id=step_id,
+            step_id=step_id,
+            analysis=template.split(".")[0],
+            description="",
+            status="passed",
+            duration=0.0,
+            params={},
+            sweep_values={},
+            summary=to_jsonable(output.summary),
+            notes=list(output.notes),
+            checks=[],
+            error=None,
+            traceback=None,
+            plots=plots,
+            data_files=folder.write_data(step_id, output.data),
+        )
+        return environment().get_template(f"analyses/{template}").render(case=case)
+
+    return render

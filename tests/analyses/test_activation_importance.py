@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import json
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import jinja2
 import numpy as np
 import pytest
 import torch
@@ -22,7 +22,6 @@ from runner.errors import ResourceError
 from runner.models import LoadedModel
 from runner.step import StepContext, StepOutput
 
-TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
 SITES = ["mlp_post", "resid_pre", "resid_mid", "resid_post", "mlp_out", "attn_out"]
 
 
@@ -402,49 +401,10 @@ def test_params_reject_non_positive_power() -> None:
 # --- report partials ------------------------------------------------------------------------------
 
 
-@dataclass
-class PlotStandIn:
-    name: str
-    path: str
-    data_uri: str = "data:image/png;base64,AAAA"
-
-
-@dataclass
-class CaseStandIn:
-    id: str
-    params: dict[str, Any]
-    summary: dict[str, Any]
-    notes: list[str]
-    plots: list[PlotStandIn]
-    data_files: list[str]
-
-
-def render(loaded: LoadedModel, dataset: TokenDataset, template: str) -> str:
-    output, ctx = run(loaded, dataset, aggregation_mode="both")
-    plots = [PlotStandIn(Path(name).stem, f"plots/case/{name}") for name in output.plots]
-    case = CaseStandIn(
-        "case",
-        {},
-        to_jsonable(output.summary),
-        ctx.notes,
-        plots,
-        [f"data/case/{name}" for name in output.data],
-    )
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(TEMPLATES),
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        autoescape=template.endswith(".html.j2"),
-    )
-    env.filters["fmt"] = lambda value, digits=4: (
-        f"{value:.{digits}g}" if isinstance(value, float) else str(value)
-    )
-    return env.get_template(template).render(case=case)
-
-
-def test_markdown_partial_shows_table_and_peak(loaded: LoadedModel, dataset: TokenDataset) -> None:
-    text = render(loaded, dataset, "analyses/activation_importance.md.j2")
+def test_markdown_partial_shows_table_and_peak(
+    loaded: LoadedModel, dataset: TokenDataset, render_partial: Callable[..., str]
+) -> None:
+    text = render_partial(run(loaded, dataset, aggregation_mode="both")[0], "activation_importance.md.j2")
     assert text.startswith("### Activation importance")
     assert "| layer | D | mean | std |" in text
     assert "**Peak** (`mean_abs`" in text
@@ -452,9 +412,13 @@ def test_markdown_partial_shows_table_and_peak(loaded: LoadedModel, dataset: Tok
     assert "![layer_0_mean_hist]" not in text
 
 
-def test_html_partial_shows_table_and_peak(loaded: LoadedModel, dataset: TokenDataset) -> None:
-    text = render(loaded, dataset, "analyses/activation_importance.html.j2")
+def test_html_partial_shows_table_and_peak(
+    loaded: LoadedModel, dataset: TokenDataset, render_partial: Callable[..., str], tmp_path: Path
+) -> None:
+    text = render_partial(run(loaded, dataset, aggregation_mode="both")[0], "activation_importance.html.j2")
     assert text.startswith("<h3>Activation importance")
     assert "<th>layer</th><th>D</th>" in text
     assert "<strong>Peak</strong>" in text
-    assert '<img src="data:image/png;base64,AAAA" alt="importance_by_layer">' in text
+    png = (tmp_path / "plots/case/importance_by_layer.png").read_bytes()  # written as a run writes it
+    uri = f"data:image/png;base64,{base64.b64encode(png).decode()}"
+    assert png.startswith(b"\x89PNG") and f'<img src="{uri}" alt="importance_by_layer">' in text

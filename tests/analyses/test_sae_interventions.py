@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +14,10 @@ import torch
 from pydantic import ValidationError
 
 import analyses.sae_interventions as si
-from runner.artifacts import RunFolder, to_jsonable
+from runner.artifacts import RunFolder
 from runner.datasets import TokenDataset
 from runner.errors import ResourceError
 from runner.models import LoadedModel, load_model
-from runner.reports import environment
 from runner.step import StepContext, StepOutput
 
 BOS = 1  # the tiny tokenizer's <|bos|>
@@ -535,23 +534,10 @@ def test_summary_names_hooks_and_the_strongest_effect(finished: tuple[StepOutput
 
 
 @pytest.mark.parametrize("template", ["sae_interventions.md.j2", "sae_interventions.html.j2"])
-def test_report_partials_render(finished: tuple[StepOutput, StepContext], template: str) -> None:
-    output, ctx = finished
-
-    @dataclasses.dataclass
-    class Plot:
-        name: str
-        path: str
-        data_uri: str = "data:image/png;base64,AAAA"
-
-    case = {
-        "summary": to_jsonable(output.summary),
-        "notes": ctx.notes,
-        "step_id": "interventions",
-        "plots": [Plot(Path(n).stem, f"plots/case/{n}") for n in output.plots],
-        "data_files": [f"data/case/{n}" for n in output.data],
-    }
-    text = environment().get_template(f"analyses/{template}").render(case=case)
+def test_report_partials_render(
+    finished: tuple[StepOutput, StepContext], render_partial: Callable[..., str], template: str
+) -> None:
+    text = render_partial(finished[0], template, step_id="interventions")
     assert "SAE feature interventions" in text and "blocks.1.hook_resid_post" in text
     assert "layer_vs_dloss_alpha2" in text
     assert "alpha = 1 is exactly the clean model" in text

@@ -8,11 +8,10 @@ logits of a copy of the model whose weights were edited directly.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import jinja2
 import numpy as np
 import pytest
 import torch
@@ -31,7 +30,7 @@ from analyses.super_weight_vocab import (
     token_classes,
     window_metrics,
 )
-from runner.artifacts import RunFolder, to_jsonable
+from runner.artifacts import RunFolder
 from runner.datasets import TokenDataset
 from runner.errors import ResourceError, RunnerError
 from runner.models import LoadedModel, hooked_llama_from_hf
@@ -490,39 +489,12 @@ def test_plots_are_named_as_the_seed_names_them(result: tuple[StepOutput, StepCo
     ]
 
 
-@dataclass
-class PlotStandIn:
-    name: str
-    path: str
-    data_uri: str = "data:image/png;base64,AAAA"
-
-
-@dataclass
-class CaseStandIn:
-    id: str
-    summary: dict[str, Any]
-    plots: list[PlotStandIn]
-    data_files: list[str]
-
-
 @pytest.mark.parametrize("template", ["super_weight_vocab.md.j2", "super_weight_vocab.html.j2"])
 def test_report_partial_shows_deltas_and_neurons(
-    result: tuple[StepOutput, StepContext], template: str
+    result: tuple[StepOutput, StepContext], render_partial: Callable[..., str], template: str
 ) -> None:
     output = result[0]
-    plots = [PlotStandIn(Path(name).stem, f"plots/case/{name}") for name in output.plots]
-    case = CaseStandIn("case", to_jsonable(output.summary), plots, [f"data/case/{n}" for n in output.data])
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(TEMPLATES),
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        autoescape=template.endswith(".html.j2"),
-    )
-    env.filters["fmt"] = lambda value, digits=4: (
-        f"{value:.{digits}g}" if isinstance(value, float) else str(value)
-    )
-    text = env.get_template(f"analyses/{template}").render(case=case)
+    text = render_partial(output, template)
     assert f"L{LAYER} R{ROW} C{NEURON}" in text and f"L{LAYER} N{NEURON}" in text
     assert f"{output.summary['weights'][0]['deltas']['loss']:.4g}" in text
 

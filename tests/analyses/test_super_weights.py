@@ -11,11 +11,10 @@ import copy
 import json
 import math
 import sys
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import jinja2
 import numpy as np
 import pytest
 import torch
@@ -38,13 +37,12 @@ from analyses.super_weights import (
     measure_spikes,
     super_weights,
 )
-from runner.artifacts import RunFolder, to_jsonable
+from runner.artifacts import RunFolder
 from runner.datasets import TokenDataset
 from runner.errors import ResourceError
 from runner.models import LoadedModel, hooked_llama_from_hf
 from runner.step import StepContext, StepOutput
 
-TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
 LAYER, NEURON, FIRST_ROW, SECOND_ROW = 1, 5, 7, 9
 
 
@@ -330,46 +328,11 @@ def test_every_param_has_a_description() -> None:
 # --- report partials ------------------------------------------------------------------------------------
 
 
-@dataclass
-class PlotStandIn:
-    name: str
-    path: str
-    data_uri: str = "data:image/png;base64,AAAA"
-
-
-@dataclass
-class CaseStandIn:
-    id: str
-    params: dict[str, Any]
-    summary: dict[str, Any]
-    notes: list[str]
-    plots: list[PlotStandIn]
-    data_files: list[str]
-
-
-def render(output: StepOutput, template: str) -> str:
-    plots = [PlotStandIn(Path(name).stem, f"plots/case/{name}") for name in output.plots]
-    case = CaseStandIn(
-        "case", {}, to_jsonable(output.summary), [], plots, [f"data/case/{n}" for n in output.data]
-    )
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(TEMPLATES),
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        autoescape=template.endswith(".html.j2"),
-    )
-    env.filters["fmt"] = lambda value, digits=4: (
-        f"{value:.{digits}g}" if isinstance(value, float) else str(value)
-    )
-    return env.get_template(template).render(case=case)
-
-
 @pytest.mark.parametrize("template", ["super_weights.md.j2", "super_weights.html.j2"])
 def test_report_partial_lists_weights_and_perplexities(
-    result: tuple[StepOutput, StepContext], template: str
+    result: tuple[StepOutput, StepContext], render_partial: Callable[..., str], template: str
 ) -> None:
-    text = render(result[0], f"analyses/{template}")
+    text = render_partial(result[0], template)
     summary = result[0].summary
     assert "Super weights" in text
     assert f"{summary['ppl']['baseline']:.4g}" in text
@@ -379,10 +342,10 @@ def test_report_partial_lists_weights_and_perplexities(
 
 @pytest.mark.parametrize("template", ["super_weights.md.j2", "super_weights.html.j2"])
 def test_report_partial_handles_nothing_found(
-    planted: LoadedModel, dataset: TokenDataset, template: str
+    planted: LoadedModel, dataset: TokenDataset, render_partial: Callable[..., str], template: str
 ) -> None:
     output, _ = run(planted, dataset, spike_threshold=1e6, perplexity=False)
-    text = render(output, f"analyses/{template}")
+    text = render_partial(output, template)
     assert "No weight passed" in text
 
 
@@ -509,8 +472,10 @@ def test_accuracy_matches_multiple_choice_scored_by_hand(
 
 
 @pytest.mark.parametrize("template", ["super_weights.md.j2", "super_weights.html.j2"])
-def test_report_partial_shows_accuracy(with_accuracy: StepOutput, template: str) -> None:
-    text = render(with_accuracy, f"analyses/{template}")
+def test_report_partial_shows_accuracy(
+    with_accuracy: StepOutput, render_partial: Callable[..., str], template: str
+) -> None:
+    text = render_partial(with_accuracy, template)
     assert "Accuracy" in text and "tiny_mc" in text and "acc,none" in text
 
 

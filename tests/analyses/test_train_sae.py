@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -10,11 +10,10 @@ import pytest
 import torch
 
 from analyses.train_sae import TrainSaeParams, train_sae
-from runner.artifacts import RunFolder, to_jsonable
+from runner.artifacts import RunFolder
 from runner.datasets import TokenDataset
 from runner.errors import ResourceError
 from runner.models import LoadedModel
-from runner.reports import environment
 from runner.saes import SAESource, load_saes
 from runner.step import FinishedCase, StepContext, StepOutput
 
@@ -193,20 +192,10 @@ def test_one_passage_is_too_few(tiny_model: LoadedModel) -> None:
 
 
 @pytest.mark.parametrize("template", ["train_sae.md.j2", "train_sae.html.j2"])
-def test_report_partials_render(trained: StepOutput, template: str) -> None:
-    @dataclasses.dataclass
-    class Plot:
-        name: str
-        path: str
-        data_uri: str = "data:image/png;base64,AAAA"
-
-    case = {
-        "summary": to_jsonable(trained.summary),
-        "step_id": "train",
-        "plots": [Plot(Path(n).stem, f"plots/train/{n}") for n in trained.plots],
-        "data_files": [f"data/train/{n}" for n in trained.data],
-    }
-    text = environment().get_template(f"analyses/{template}").render(case=case)
+def test_report_partials_render(
+    trained: StepOutput, render_partial: Callable[..., str], template: str
+) -> None:
+    text = render_partial(trained, template, step_id="train")
     assert f"SAE training: <code>{HOOK}</code>" in text or f"SAE training: `{HOOK}`" in text
     assert "CE loss score" in text and "sae: {from_step: train}" in text
     assert "training_loss" in text and "feature_density" in text
