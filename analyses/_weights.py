@@ -13,7 +13,6 @@ an exception. :func:`token_losses` and :func:`perplexity` measure a model on equ
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -33,7 +32,6 @@ __all__ = [
     "Edit",
     "SuperWeight",
     "down_proj",
-    "hf_llama_view",
     "magnitude_controls",
     "neuron_edit",
     "perplexity",
@@ -193,105 +191,3 @@ def magnitude_controls(model: HookedTransformer, weights: Sequence[SuperWeight])
         taken.add(candidate)
         controls.append(candidate)
     return controls
-
-
-def hf_llama_view(model: HookedTransformer) -> Any:
-    """A transformers ``LlamaForCausalLM`` computing the same function as ``model`` (a Llama-architecture
-    ``HookedTransformer`` with raw weights), for tools that need a transformers model (lm-eval).
-
-    Its MLP down projections are views of ``model``'s ``W_out`` (``down_proj.weight = W_out.T``,
-    sharing storage), so :func:`zeroed` on ``model`` edits both. The other weights are copies.
-    """
-    cfg = model.cfg
-    if (
-        cfg.original_architecture != "LlamaForCausalLM"
-        or not cfg.gated_mlp
-        or cfg.normalization_type != "RMS"
-    ):
-        raise ResourceError(
-            f"Cannot build a transformers model from {cfg.model_name!r} ({cfg.original_architecture}): "
-            "only Llama-architecture models (RMSNorm, gated MLP, rotary) convert back.\n"
-            "Accuracy through lm-eval needs one; use a Llama-architecture model such as smollm2-135m, "
-            "or leave `accuracy_tasks` empty."
-        )
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    n_kv = cfg.n_key_value_heads or cfg.n_heads
-    config = LlamaConfig(
-        **_rope_kwargs(cfg, LlamaConfig),
-        vocab_size=cfg.d_vocab,
-        hidden_size=cfg.d_model,
-        intermediate_size=int(cfg.d_mlp or 4 * cfg.d_model),
-        num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads,
-        num_key_value_heads=n_kv,
-        head_dim=cfg.d_head,
-        max_position_embeddings=cfg.n_ctx,
-        rms_norm_eps=cfg.eps,
-        hidden_act=cfg.act_fn,
-        tie_word_embeddings=False,
-        attention_bias=False,
-        mlp_bias=False,
-    )
-    skip_init: Any = _no_init_weights()
-    with skip_init:  # every weight is overwritten below; random init would take seconds
-        hf = _construct(LlamaForCausalLM, config)
-    hf = hf.to(device=cfg.device, dtype=cfg.dtype).eval()
-    with torch.no_grad():
-        _copy_llama_weights(model, hf, n_kv)
-    return hf
-
-
-def _rope_kwargs(cfg: Any, config_class: type) -> dict[str, Any]:
-    """RoPE settings as ``LlamaConfig`` takes them: ``rope_parameters`` (transformers 5) or ``rope_theta``."""
-    params: dict[str, Any] = {"rope_type": "default", "rope_theta": float(cfg.rotary_base)}
-    if cfg.use_NTK_by_parts_rope:
-        params.update(
-            rope_type="llama3",
-            factor=cfg.NTK_by_parts_factor,
-            low_freq_factor=cfg.NTK_by_parts_low_freq_factor,
-            high_freq_factor=cfg.NTK_by_parts_high_freq_factor,
-            original_max_position_embeddings=cfg.NTK_original_ctx_len,
-        )
-    if "rope_parameters" in inspect.signature(config_class).parameters:
-        return {"rope_parameters": params}
-    scaling = (
-        None if params["rope_type"] == "default" else {k: v for k, v in params.items() if k != "rope_theta"}
-    )
-    return {"rope_theta": params["rope_theta"], "rope_scaling": scaling}
-
-
-def _construct(model_class: Any, config: Any) -> Any:
-    """``model_class(config)``; called through ``Any`` because mypy misreads transformers' decorators."""
-    return model_class(config)
-
-
-def _no_init_weights() -> Any:
-    """transformers' context manager that skips random initialization (its module moved in 5.0)."""
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # transformers 4.x
-        from transformers.modeling_utils import no_init_weights  # type: ignore[attr-defined,no-redef]
-    return no_init_weights()
-
-
-def _copy_llama_weights(model: HookedTransformer, hf: Any, n_kv: int) -> None:
-    """The inverse of TransformerLens' ``convert_llama_weights``; down projections become shared views."""
-    hf.model.embed_tokens.weight.copy_(model.embed.W_E)
-    hf.model.norm.weight.copy_(model.ln_final.w)
-    hf.lm_head.weight.copy_(model.unembed.W_U.T)
-    for block, layer in zip(model.blocks, hf.model.layers, strict=True):
-        attn = block.attn
-        w_k = getattr(attn, "_W_K", attn.W_K)[:n_kv]  # (n_kv, d_model, d_head) with grouped-query attention
-        w_v = getattr(attn, "_W_V", attn.W_V)[:n_kv]
-        layer.self_attn.q_proj.weight.copy_(
-            attn.W_Q.permute(0, 2, 1).reshape(-1, attn.W_Q.shape[1])
-        )  # (n h) m
-        layer.self_attn.k_proj.weight.copy_(w_k.permute(0, 2, 1).reshape(-1, w_k.shape[1]))
-        layer.self_attn.v_proj.weight.copy_(w_v.permute(0, 2, 1).reshape(-1, w_v.shape[1]))
-        layer.self_attn.o_proj.weight.copy_(attn.W_O.reshape(-1, attn.W_O.shape[-1]).T)  # m (n h)
-        layer.input_layernorm.weight.copy_(block.ln1.w)
-        layer.post_attention_layernorm.weight.copy_(block.ln2.w)
-        layer.mlp.gate_proj.weight.copy_(block.mlp.W_gate.T)
-        layer.mlp.up_proj.weight.copy_(block.mlp.W_in.T)
-        layer.mlp.down_proj.weight = torch.nn.Parameter(block.mlp.W_out.T, requires_grad=False)  # shared

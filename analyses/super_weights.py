@@ -20,8 +20,10 @@ tensor (seeded by the case seed), and the largest-magnitude ordinary weight of t
 
 Accuracy (optional, ``accuracy_tasks``): lm-evaluation-harness scores tasks with the model as loaded,
 with every super weight zeroed, and with the random controls zeroed. It runs a transformers view of
-the model whose down projections share storage with the ``HookedTransformer``, so the very same
-edits apply; only Llama-architecture models have such a view for now.
+the model (:meth:`runner.models.LoadedModel.transformers_view`) whose down projections share storage
+with the ``HookedTransformer``, so the very same edits apply. Models loaded by Hugging Face id or from
+a checkpoint directory have one (any architecture TransformerLens converts), and so do
+Llama-architecture models from GGUF files.
 
 Replaces the seed script ``comprehensive_super_weight_analysis.py`` and keeps its file names
 (``detection_iterations.png``, ``super_weight_distribution.png``, ``impact_comparison.png``,
@@ -49,7 +51,6 @@ from analyses._weights import (
     TENSOR,
     SuperWeight,
     down_proj,
-    hf_llama_view,
     magnitude_controls,
     perplexity,
     random_controls,
@@ -116,8 +117,9 @@ class SuperWeightsParams(BaseModel):
     accuracy_tasks: tuple[str, ...] = ()
     """lm-evaluation-harness tasks scored with the model as loaded, with every super weight zeroed, and
     with the matched random coordinates zeroed (the seed's ``--accuracy-tasks``: ``[hellaswag, arc_easy,
-    mmlu, gsm8k]``). Empty: no accuracy. Needs ``pip install lm-eval`` and a Llama-architecture model;
-    the standard tasks download their data from the Hugging Face hub."""
+    mmlu, gsm8k]``). Empty: no accuracy. Needs ``pip install lm-eval``, and a model loaded by Hugging Face
+    id or checkpoint directory, or of the Llama architecture; the standard tasks download their data
+    from the Hugging Face hub."""
 
     accuracy_samples: int = Field(default=100, ge=1)
     """Examples per task (lm-eval's ``limit``; the seed's ``--accuracy-samples``)."""
@@ -321,7 +323,7 @@ class AccuracyRunner:
 
     simple_evaluate: Any
     model: Any
-    """lm-eval's ``HFLM`` around a transformers view of the model (see :func:`hf_llama_view`)."""
+    """lm-eval's ``HFLM`` around the model's transformers view (:meth:`LoadedModel.transformers_view`)."""
     task_manager: Any
 
     def scores(self, params: SuperWeightsParams) -> dict[str, dict[str, Any]]:
@@ -341,7 +343,7 @@ class AccuracyRunner:
 def prepare_accuracy(ctx: StepContext, params: SuperWeightsParams) -> AccuracyRunner:
     """Check lm-eval, the tasks and the model, and wrap the model; every problem is a clear error."""
     lm_eval, hflm, task_manager = _lm_eval(ctx, params)
-    view = hf_llama_view(ctx.model.model)  # the down projections share storage with the HookedTransformer
+    view = ctx.model.transformers_view()  # its down projections share storage with the HookedTransformer
     wrapped = hflm(pretrained=view, tokenizer=ctx.model.tokenizer, batch_size=params.batch_size)
     return AccuracyRunner(lm_eval.simple_evaluate, wrapped, task_manager)
 

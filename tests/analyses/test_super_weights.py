@@ -24,7 +24,6 @@ from analyses._weights import (
     Edit,
     SuperWeight,
     down_proj,
-    hf_llama_view,
     magnitude_controls,
     neuron_edit,
     perplexity,
@@ -41,6 +40,7 @@ from runner.artifacts import RunFolder
 from runner.datasets import TokenDataset
 from runner.errors import ResourceError
 from runner.models import LoadedModel, hooked_llama_from_hf
+from runner.models import llama_transformers_view as hf_llama_view
 from runner.step import StepContext, StepOutput
 
 LAYER, NEURON, FIRST_ROW, SECOND_ROW = 1, 5, 7, 9
