@@ -802,6 +802,18 @@ def _hooked_via_transformer_lens(
             "Use a model of an architecture TransformerLens supports (GPT-2, Llama, Qwen2, Gemma, ...), "
             f"or `{EMBEDDED_MODEL}`."
         ) from exc
+    except AttributeError as exc:
+        # TransformerLens picks Llama or Gemma settings from the path alone when it contains those
+        # words, and then fails on another architecture's config.
+        named = [word for word in ("llama", "gemma") if word in str(directory).lower()]
+        if not named:
+            raise
+        raise ResourceError(
+            f"Cannot load model from {directory}: TransformerLens {_version('transformer-lens')} read it as "
+            f"a {named[0].capitalize()} model because its path contains '{named[0]}', but it is "
+            f"{architecture} ({type(exc).__name__}: {exc}).\n"
+            f"Move or link the checkpoint to a path without '{named[0]}' and use that path."
+        ) from exc
     model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=True)
     _load_raw_weights(model, state_dict)
     return model

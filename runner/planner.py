@@ -3,6 +3,11 @@
 Sweeps expand into cases with pytest-like ids (``importance[aggregate_by=gradients-layers=0-5]``).
 Every case's params are validated against its analysis' params model here, so that `runner validate`
 and ``--collect-only`` catch every spec problem without loading a model.
+
+A spec-level sweep multiplies a step only by the resources it uses. A step whose analysis needs no
+model and no dataset (one that reads earlier steps' results, like a cross-model comparison) is not
+multiplied by swept ``model.*`` or ``dataset.*`` values, only by a swept ``seed``; it runs after every
+swept variant of the steps listed before it, and before any of the steps listed after it.
 """
 
 from __future__ import annotations
@@ -92,9 +97,11 @@ def build_plan(spec: ExperimentSpec, doc: SpecDocument) -> Plan:
     _check_steps(spec, doc, problems)
     cases: list[Case] = []
     if not problems:
-        for resources in _spec_variants(spec, doc, problems):
-            for index, step in enumerate(spec.steps):
-                cases.extend(_step_cases(step, index, resources, checks.get(step.id, ()), doc, problems))
+        variants = list(_spec_variants(spec, doc, problems))
+        for steps, phase_variants in _phases(spec, variants):
+            for resources in phase_variants:
+                for index, step in steps:
+                    cases.extend(_step_cases(step, index, resources, checks.get(step.id, ()), doc, problems))
     if problems:
         raise SpecError(sort_problems(_unique(problems)))
     return Plan(spec, doc.path, tuple(_dedupe_ids(cases)))
@@ -211,6 +218,35 @@ def _spec_variants(
         resources = _with_resources(base, combo, locs, doc, problems)
         if resources is not None:
             yield resources
+
+
+def _phases(
+    spec: ExperimentSpec, variants: list[_Resources]
+) -> Iterator[tuple[list[tuple[int, StepSpec]], list[_Resources]]]:
+    """Runs of consecutive steps, each with the spec variants it is multiplied by (in execution order).
+
+    Steps that use the model or the dataset take every variant; the others take the variants with
+    swept ``model.*`` and ``dataset.*`` values removed (so one per swept seed). Each variant's steps
+    run together, so a model sweep loads each model once per run of model steps.
+    """
+    base = _Resources(spec.model, spec.dataset, spec.seed, {})
+    indexed = list(enumerate(spec.steps))
+    for uses_resources, group in itertools.groupby(indexed, key=lambda item: _uses_resources(item[1])):
+        yield list(group), variants if uses_resources else _without_resource_values(variants, base)
+
+
+def _uses_resources(step: StepSpec) -> bool:
+    return bool(ANALYSES.get(step.analysis).needs & {"model", "dataset"})
+
+
+def _without_resource_values(variants: list[_Resources], base: _Resources) -> list[_Resources]:
+    """``variants`` with swept ``model.*`` / ``dataset.*`` values dropped, duplicates removed."""
+    kept: dict[tuple[Any, ...], _Resources] = {}
+    for variant in variants:
+        values = {k: v for k, v in variant.values.items() if not k.startswith(("model.", "dataset."))}
+        key = tuple((k, repr(v)) for k, v in values.items())
+        kept.setdefault(key, _Resources(base.model, base.dataset, variant.seed, values))
+    return list(kept.values())
 
 
 def _is_resource_key(key: str) -> bool:

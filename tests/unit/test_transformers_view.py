@@ -281,3 +281,15 @@ def test_view_of_other_weights_than_the_checkpoint_is_refused(hub_models: dict[s
 def test_model_without_checkpoint_and_not_llama_has_no_view(tiny_model: LoadedModel) -> None:
     with pytest.raises(ResourceError, match=r"'tiny' .*only Llama-architecture models"):
         tiny_model.transformers_view()
+
+
+def test_checkpoint_dir_whose_path_says_llama_gets_a_clear_error(
+    hub: dict[str, Any], tiny_tokenizer: Any, tmp_path: Path
+) -> None:
+    """TransformerLens reads a path containing 'llama' as a Llama; another architecture there must
+    fail with a message, not a traceback."""
+    directory = tmp_path / "my-llama-finetune"
+    hub["mistralai/Mistral-7B-v0.1"].save_pretrained(directory)
+    tiny_tokenizer.save_pretrained(directory)
+    with pytest.raises(ResourceError, match=r"its path contains 'llama', but it is MistralForCausalLM"):
+        load_model(str(directory), device="cpu")
