@@ -29,6 +29,7 @@ __all__ = [
     "compare_rows",
     "eligible_positions",
     "feature_stats",
+    "log_sum_exp_",
     "logits_are_capped",
     "logits_from_resid",
     "normed_resid",
@@ -230,24 +231,37 @@ class CleanReference:
         with torch.no_grad():
             normed = normed_resid(model, resid[:, :-1])  # (B, T-1, d)
             logits = unembedding.logits(normed).float()  # (B, T-1, V)
-            lse = torch.logsumexp(logits, dim=-1)
-            top_logit, top = logits.max(-1)
-            probs = torch.softmax(logits, dim=-1)
             capped = logits_are_capped(model)
+            loss = -logits.gather(-1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
+            exp = logits.clone() if capped else logits
+            lse, top_logit, top = log_sum_exp_(exp)  # exp now holds exp(logits - max)
+            logp = logits - lse.unsqueeze(-1) if capped else None  # as compare_rows' log q
+            probs = exp.div_(exp.sum(-1, keepdim=True))
             weighted = torch.empty(0) if capped else (probs @ unembedding.weight.float()).double()
-            logp = torch.log_softmax(logits, dim=-1) if capped else None
             return cls(
                 normed=normed,
                 lse=lse,
                 weighted_unembed=weighted,
-                prob_sum=probs.sum(-1, dtype=torch.float64),
+                prob_sum=probs.sum(-1).double(),  # a float64 reduction over the vocabulary is 10x slower
                 top=top,
                 top_prob=(top_logit - lse).exp(),
                 targets=tokens[:, 1:],
-                loss=lse - logits.gather(-1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1),
+                loss=loss + lse,
                 unembedding=unembedding,
                 logp=logp,
             )
+
+
+def log_sum_exp_(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-sum-exp, largest value and its index over the last dimension of float32 ``logits``, in two
+    passes over the vocabulary instead of ``torch.logsumexp`` plus ``max``'s four.
+
+    Overwrites ``logits`` with ``exp(logits - max)``. The clean run and the edited rows both use it,
+    so identical logits give identical results.
+    """
+    top_logit, top = logits.max(-1)
+    logits.sub_(top_logit.unsqueeze(-1)).exp_()
+    return logits.sum(-1).log_().add_(top_logit), top_logit, top
 
 
 @dataclass
@@ -270,11 +284,11 @@ def compare_rows(
     stop = s + resid.shape[1]
     normed = normed_resid(model, resid)  # (R, P, d)
     logits = clean.unembedding.logits(normed).float()  # (R, P, V)
-    lse = torch.logsumexp(logits, dim=-1)
-    top_logit, new_top = logits.max(-1)
-    lse_change = lse - clean.lse[passages, s:stop]  # (R, P)
     if clean.logp is not None:
+        lse, top_logit, new_top = log_sum_exp_(logits.clone())
         return _compare_in_vocab(logits, lse, clean, passages, s, stop, new_top, (top_logit - lse).exp())
+    lse, top_logit, new_top = log_sum_exp_(logits)
+    lse_change = lse - clean.lse[passages, s:stop]  # (R, P)
     shift = normed - clean.normed[passages, s:stop]  # (R, P, d)
     target_rows = clean.unembedding.weight[clean.targets[passages, s:stop]]  # (R, P, d)
     delta_loss = lse_change.double() - (shift * target_rows).sum(-1, dtype=torch.float64)

@@ -26,7 +26,7 @@ whose top-1 prediction changed. Text snippets show the positions with the larges
 Two ways to compute the same numbers (``method``):
 
 - ``loop``: the seed's way. One full forward pass per (layer, feature, alpha) and batch of passages,
-  with a hook that encodes the activation and applies the edit.
+  with a hook that encodes the activation and applies the edit, then log-softmax over the vocabulary.
 - ``fast`` (default): one clean pass per batch of passages keeps the activations at each SAE's hook,
   the keys and values of later layers, and what the comparisons need of the clean predictions
   (``CleanReference``: d_model-sized vectors, not logits). Then it skips exactly what
@@ -36,8 +36,11 @@ Two ways to compute the same numbers (``method``):
   (``start_at_layer``) and only the positions from the first edited one on: a causal model's
   earlier positions are unchanged, so their keys and values come from the clean pass
   (TransformerLens' key-value cache). Many (passage, feature, alpha) rows share one forward pass.
-  ``benchmarks/interventions.py`` compares both. Both methods score rows with the same code, so
-  their numbers differ only by floating-point rounding in the forward passes.
+  ``benchmarks/interventions.py`` compares both.
+
+The loop computes every metric over the vocabulary from the clean and intervened logits, straight
+from the definitions; the fast path uses the d_model-sized identities of ``CleanReference``. The
+two share no metric code, so agreement between them checks both (to float32 rounding).
 
 On CUDA out-of-memory the case halves ``batch_size`` and starts again (the seed does the same).
 """
@@ -45,6 +48,7 @@ On CUDA out-of-memory the case halves ``batch_size`` and starts again (the seed 
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 import time
 from collections.abc import Callable
@@ -61,12 +65,14 @@ from analyses._sae_tensors import (
     PADDING,
     CleanReference,
     FeatureStats,
+    RowComparison,
     Unembedding,
     capture,
     compare_rows,
     eligible_positions,
     feature_stats,
     logits_are_capped,
+    logits_from_resid,
     shift_to_logits,
 )
 from runner.errors import ResourceError, RunnerError
@@ -86,6 +92,16 @@ FwdHooks = list[tuple[str | Callable[..., Any], Callable[..., Any]]]
 Site = Literal["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "mlp_post"]
 METRIC_CHUNK_ELEMENTS = 1 << 25
 """Logit-sized tensors are processed in row chunks of at most this many elements (128 MB in float32)."""
+FAST_PASS_BATCHES = 4
+"""A fast-path forward pass runs up to this many batches' worth of tokens (``batch_size`` x
+``max_len`` each): the rows only run the later layers and hold no logits, and every TransformerLens
+forward pass copies each weight matrix once, so fewer, larger passes are faster."""
+PASS_OVERHEAD_TOKENS = 256
+"""The fixed cost of one fast-path forward pass, in tokens run: TransformerLens copies every weight
+matrix of each block it runs once per pass (``W.T.contiguous()``), measured on SmolLM2-135M at about
+as long as running 250-300 tokens through the block. The chunker trades it against padding."""
+MAX_PASS_ROWS = 512
+"""Rows one fast-path pass may hold at most (bounds the chunker's search)."""
 
 
 class SaeInterventionsParams(BaseModel):
@@ -293,8 +309,11 @@ class Totals:
 
     n: int
     width: int
-    """Length of the summed shift vectors: d_model, or d_vocab for soft-capped logits."""
+    """Length of the summed shift vectors: d_model, or d_vocab when ``in_vocab_space``."""
     vocab: int
+    in_vocab_space: bool
+    """Whether shifts are logit changes (the loop; soft-capped logits) or changes of the unembedding's
+    input (the fast path's d_model-sized comparisons)."""
     device: torch.device
     keep_snippets: int
     """Positions of largest KL kept per intervention."""
@@ -381,6 +400,8 @@ class CleanBatch:
     """Fast path: the residual stream entering block ``L`` ``(B, T, d)``, per start layer."""
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     """Fast path: keys and values ``(B, T, n_kv_heads, d_head)`` per layer (before rotary)."""
+    clean_logits: torch.Tensor | None = None
+    """Loop: the clean logits of the predicting positions ``(B, T-1, V)``."""
 
     @property
     def n_predicting(self) -> int:
@@ -603,9 +624,14 @@ def _run(ctx: StepContext, params: SaeInterventionsParams, workload: Workload, b
     n_slots = max(len(f) for f in workload.features)
     shape = (len(workload.saes), n_slots)
     counts = FeatureCounts(np.zeros(shape, np.int64), np.zeros(shape, np.int64), np.zeros(shape, np.int64))
-    width = model.cfg.d_vocab if logits_are_capped(model) else model.cfg.d_model
+    in_vocab = method == "loop" or logits_are_capped(model)
     totals = Totals(
-        len(workload.interventions), width, model.cfg.d_vocab, device, params.snippets_per_intervention
+        len(workload.interventions),
+        model.cfg.d_vocab if in_vocab else model.cfg.d_model,
+        model.cfg.d_vocab,
+        in_vocab,
+        device,
+        params.snippets_per_intervention,
     )
     work = Work()
     clean_loss = 0.0
@@ -620,7 +646,8 @@ def _run(ctx: StepContext, params: SaeInterventionsParams, workload: Workload, b
         _count_features(batch, workload, counts, totals)
         start = time.perf_counter()
         if method == "fast":
-            _fast_batch(model, batch, workload, totals, work, batch_size * tokens.shape[1])
+            budget = FAST_PASS_BATCHES * batch_size * tokens.shape[1]
+            _fast_batch(model, batch, workload, totals, work, budget)
         else:
             _loop_batch(model, batch, workload, totals, work)
         work.seconds_interventions += time.perf_counter() - start
@@ -676,6 +703,9 @@ def _clean_batch(
     batch = CleanBatch(
         tokens, first, clean, eligible, {h: acts[h] for h in hooks[: len(workload.saes)]}, feats
     )
+    if not fast:
+        with torch.no_grad():
+            batch.clean_logits = logits_from_resid(model, resid[:, :-1])
     if fast:
         batch.starts = {start: acts[_start_input_hook(start, n_layers)] for start, _ in entries}
         batch.kv = {
@@ -711,25 +741,49 @@ def _changed(batch: CleanBatch, workload: Workload, iv: Intervention) -> torch.T
 def _loop_batch(
     model: HookedTransformer, batch: CleanBatch, workload: Workload, totals: Totals, work: Work
 ) -> None:
-    """The seed's way: a full forward pass per intervention, the edit applied by a hook."""
+    """The seed's way: a full forward pass per intervention with the edit applied by a hook, and every
+    metric computed over the vocabulary from the clean and the intervened logits.
+
+    It shares no metric code with the fast path (whose comparisons are d_model-sized, see
+    ``CleanReference``), so the benchmark's comparison of the two checks that algebra too.
+    """
     n_layers, (n_passages, length) = model.cfg.n_layers, batch.tokens.shape
     passages = torch.arange(n_passages, device=batch.tokens.device)
+    assert batch.clean_logits is not None
     for iv in workload.interventions:
         loaded = workload.saes[iv.layer]
         edit = _loop_edit(loaded, iv, workload, batch.eligible)
         with torch.no_grad():
-            resid = model.run_with_hooks(
-                batch.tokens,
-                stop_at_layer=n_layers,
-                padding_side=PADDING,
-                fwd_hooks=[(loaded.hook_name, edit)],
+            logits = model.run_with_hooks(
+                batch.tokens, return_type="logits", padding_side=PADDING, fwd_hooks=[(loaded.hook_name, edit)]
             )
         work.forward_passes += 1
         work.rows_run += n_passages
         work.block_token_layers += n_passages * length * n_layers
         work.attention_pairs_layers += n_passages * length * (length + 1) // 2 * n_layers
         work.unembed_tokens += n_passages * (length - 1)
-        _score(model, resid, batch, passages, [iv] * n_passages, 0, workload, totals)
+        step = max(1, METRIC_CHUNK_ELEMENTS // ((length - 1) * totals.vocab))
+        for lo in range(0, n_passages, step):
+            chunk = passages[lo : lo + step]
+            with torch.no_grad():
+                rows = _vocab_comparison(
+                    logits[chunk, :-1], batch.clean_logits[chunk], batch.tokens[chunk, 1:]
+                )
+            _accumulate(rows, batch, chunk, [iv] * len(chunk), 0, totals)
+
+
+def _vocab_comparison(
+    logits: torch.Tensor, clean_logits: torch.Tensor, targets: torch.Tensor
+) -> RowComparison:
+    """The metrics of intervened ``logits`` against ``clean_logits`` (both ``(R, P, V)``) straight from
+    their definitions: Δloss = CE(q) - CE(p), KL(p ‖ q) = Σ_v p_v (log p_v - log q_v), logit changes."""
+    logp = torch.log_softmax(clean_logits.float(), dim=-1)
+    logq = torch.log_softmax(logits.float(), dim=-1)
+    target = targets.unsqueeze(-1)
+    delta_loss = (logp.gather(-1, target) - logq.gather(-1, target)).squeeze(-1).double()
+    kl = (logp.exp() * (logp - logq)).sum(-1).double()  # float32 over V, as the fast path
+    new_top_logp, new_top = logq.max(-1)
+    return RowComparison(delta_loss, kl, new_top, new_top_logp.exp(), logits.float() - clean_logits.float())
 
 
 def _loop_edit(
@@ -777,19 +831,47 @@ def _fast_batch(
 
 
 def _chunks(rows: list[_Row], length: int, budget: int) -> list[list[_Row]]:
-    """Consecutive rows with the same start block, at most ``budget`` tokens from the chunk's first t0."""
+    """Split rows sorted by (start block, t0) into forward passes of least total cost.
+
+    A pass runs every row of it from the pass's smallest t0, so a row with a later t0 pays for
+    positions that are still clean (padding); every pass also pays a fixed cost
+    (:data:`PASS_OVERHEAD_TOKENS`). Within each start block the rows are split into consecutive runs
+    by dynamic programming: cost(run) = overhead + rows x (length - first t0), at most ``budget``
+    tokens a pass.
+    """
     chunks: list[list[_Row]] = []
-    for row in rows:
-        current = chunks[-1] if chunks else None
-        if (
-            current
-            and current[0].start == row.start
-            and (len(current) + 1) * (length - current[0].t0) <= budget
-        ):
-            current.append(row)
-        else:
-            chunks.append([row])
+    lo = 0
+    while lo < len(rows):
+        hi = lo
+        while hi < len(rows) and rows[hi].start == rows[lo].start:
+            hi += 1
+        group = rows[lo:hi]
+        span = np.array([length - r.t0 for r in group], dtype=np.int64)  # tokens run from each t0
+        cuts = _cheapest_cuts(span, budget)
+        chunks += [group[a:b] for a, b in itertools.pairwise(cuts)]
+        lo = hi
     return chunks
+
+
+def _cheapest_cuts(span: np.ndarray, budget: int) -> list[int]:
+    """Boundaries ``0 = c0 < c1 < ... = n`` minimizing sum(overhead + (c_{k+1} - c_k) * span[c_k])
+    with ``(c_{k+1} - c_k) * span[c_k] <= budget`` (a single row is always allowed).
+
+    ``span`` is non-increasing (rows sorted by t0), so a run's first row has its longest span.
+    """
+    n = len(span)
+    best = np.zeros(n + 1)
+    back = np.zeros(n + 1, dtype=np.int64)
+    for i in range(1, n + 1):
+        j = np.arange(max(0, i - MAX_PASS_ROWS), i)  # candidate first rows of the last run
+        cost = best[j] + PASS_OVERHEAD_TOKENS + (i - j) * span[j]
+        cost[((i - j) * span[j] > budget) & (j < i - 1)] = np.inf
+        k = int(np.argmin(cost))
+        best[i], back[i] = cost[k], j[k]
+    cuts = [n]
+    while cuts[-1] > 0:
+        cuts.append(int(back[cuts[-1]]))
+    return cuts[::-1]
 
 
 def _run_chunk(
@@ -830,7 +912,7 @@ def _run_chunk(
     work.needed_block_token_layers += sum(length - r.t0 for r in chunk) * blocks
     work.needed_attention_pairs_layers += sum(_pairs(r.t0, length) for r in chunk) * blocks
     work.needed_unembed_tokens += sum(length - 1 - r.t0 for r in chunk)
-    _score(model, resid, batch, passages, [r.iv for r in chunk], s, workload, totals)
+    _score(model, resid, batch, passages, [r.iv for r in chunk], s, totals)
 
 
 def _pairs(s: int, length: int) -> int:
@@ -866,7 +948,6 @@ def _score(
     passages: torch.Tensor,
     ivs: list[Intervention],
     s: int,
-    workload: Workload,
     totals: Totals,
 ) -> None:
     """Add the metrics of rows ``(passage, intervention)`` whose final residual ``resid`` ``(R, T-s, d)``
@@ -878,26 +959,26 @@ def _score(
     for lo in range(0, len(ivs), step):
         hi = min(lo + step, len(ivs))
         with torch.no_grad():
-            _score_rows(model, resid[lo:hi, :n_pred], batch, passages[lo:hi], ivs[lo:hi], s, workload, totals)
+            rows = compare_rows(model, resid[lo:hi, :n_pred], batch.clean, passages[lo:hi], s)
+            _accumulate(rows, batch, passages[lo:hi], ivs[lo:hi], s, totals)
 
 
-def _score_rows(
-    model: HookedTransformer,
-    resid: torch.Tensor,
+def _accumulate(
+    rows: RowComparison,
     batch: CleanBatch,
     passages: torch.Tensor,
     ivs: list[Intervention],
     s: int,
-    workload: Workload,
     totals: Totals,
 ) -> None:
-    rows = compare_rows(model, resid, batch.clean, passages, s)  # each (R, P)
+    """Add compared rows ``(R, P)`` (predicting positions ``s .. s+P-1``) to their interventions' sums."""
+    stop = s + rows.kl.shape[1]
     fires = torch.stack(
-        [batch.feats[iv.layer][p, s:-1, iv.slot] for iv, p in zip(ivs, passages.tolist(), strict=True)]
+        [batch.feats[iv.layer][p, s:stop, iv.slot] for iv, p in zip(ivs, passages.tolist(), strict=True)]
     )
     fires = (fires > 0).to(torch.float64)  # (R, P)
-    changed = rows.new_top != batch.clean.top[passages, s:]
-    index = torch.tensor([iv.index for iv in ivs], device=resid.device)
+    changed = rows.new_top != batch.clean.top[passages, s:stop]
+    index = torch.tensor([iv.index for iv in ivs], device=rows.kl.device)
     totals.delta_loss.index_add_(0, index, rows.delta_loss.sum(1))
     totals.kl.index_add_(0, index, rows.kl.sum(1))
     totals.delta_loss_fire.index_add_(0, index, (rows.delta_loss * fires).sum(1))
@@ -911,7 +992,12 @@ def _score_rows(
 
 
 def _keep_snippets(
-    totals: Totals, ivs: list[Intervention], passages: torch.Tensor, s: int, batch: CleanBatch, rows: Any
+    totals: Totals,
+    ivs: list[Intervention],
+    passages: torch.Tensor,
+    s: int,
+    batch: CleanBatch,
+    rows: RowComparison,
 ) -> None:
     """Keep the positions of largest KL per intervention (a bounded heap each)."""
     keep = totals.keep_snippets
@@ -1011,9 +1097,8 @@ def _feature_rows(
 ) -> list[dict[str, Any]]:
     """One row per (layer, feature, alpha), with the means the seed reports."""
     totals, counts, n = result.totals, result.counts, result.n_predicting
-    in_vocab = totals.width == totals.vocab and logits_are_capped(model)
-    logit_sums = shift_to_logits(model, totals.logit_sum, in_vocab)  # (n_interventions, V)
-    logit_sums_fire = shift_to_logits(model, totals.logit_sum_fire, in_vocab)
+    logit_sums = shift_to_logits(model, totals.logit_sum, totals.in_vocab_space)  # (n_interventions, V)
+    logit_sums_fire = shift_to_logits(model, totals.logit_sum_fire, totals.in_vocab_space)
     rows = []
     for iv in workload.interventions:
         loaded = workload.saes[iv.layer]

@@ -31,6 +31,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SAE = ROOT / "saes" / "smollm2-135m" / "blocks.{layer}.hook_resid_post"
+DEFAULT_CSV = ROOT / "specs" / "data" / "smollm2_features.csv"
 SCALAR_METRICS = (
     "delta_loss",
     "kl",
@@ -56,10 +57,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--features", type=int, default=5, help="features to intervene on (default 5)")
     parser.add_argument(
         "--feature-source",
-        default="live",
-        choices=["live", "random", "top_frequency"],
-        help="how features are picked (default live, as specs/smollm2_interventions.yaml); sparser features "
-        "let the fast path skip more",
+        default="csv",
+        choices=["csv", "live", "random", "top_frequency"],
+        help="how features are picked (default csv: the labelled features of "
+        "specs/smollm2_interventions.yaml; live: among the densest 10%%, the fast path's worst case)",
+    )
+    parser.add_argument(
+        "--features-csv", default=str(DEFAULT_CSV), help="CSV (layer,feature,label) for --feature-source csv"
     )
     parser.add_argument("--alphas", default="0,0.5,1,2,4", help="alpha sweep (default 0,0.5,1,2,4)")
     parser.add_argument("--batch-size", type=int, default=8, help="passages per forward pass (default 8)")
@@ -124,11 +128,13 @@ def params(args: argparse.Namespace, method: str, features: list[int] | None) ->
     from analyses.sae_interventions import SaeInterventionsParams
 
     chosen: dict[str, Any] = {"features": features} if features else {"feature_source": args.feature_source}
+    if not features and args.feature_source == "csv":
+        chosen["features_csv"] = args.features_csv
     return SaeInterventionsParams(
         sae={"path": args.sae},
         layers=str(args.layer),
         hook="resid_post",
-        features_per_layer=args.features,
+        **({} if args.feature_source == "csv" else {"features_per_layer": args.features}),
         alpha_sweep=args.alphas,
         alpha=2.0,
         batch_size=args.batch_size,

@@ -137,14 +137,16 @@ def test_seed_default_spec_fails_fast_offline(
 
 @pytest.mark.slow
 def test_embedded_interventions_spec_runs_offline(run_cli, tmp_path: Path) -> None:
-    # The committed spec on fewer passages and features, to keep CI short; model, SAE and alphas
-    # are the spec's own. Only the exactness expectation is kept: on 8 passages and 2 features the
-    # sign of a loss change is not the spec's claim.
+    # The committed spec on fewer passages and the first two features of its CSV, to keep CI short;
+    # model, SAE and alphas are the spec's own. Only the exactness expectation is kept: on 8 passages
+    # and 2 features the sign of a loss change is not the spec's claim.
     spec = yaml.safe_load((SPECS / "smollm2_interventions.yaml").read_text())
     spec["dataset"]["max_passages"] = 8
     spec["expectations"] = [e for e in spec["expectations"] if "identity_max_abs" in e["that"]]
     params = spec["steps"][0]["params"]
-    params["features_per_layer"] = 2
+    features = pd.read_csv(SPECS / params["features_csv"]).head(2)
+    features.to_csv(tmp_path / "features.csv", index=False)
+    params["features_csv"] = "features.csv"
     params["sae"]["path"] = str((SPECS / params["sae"]["path"]).resolve())
     path = tmp_path / "smollm2_interventions.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -155,4 +157,6 @@ def test_embedded_interventions_spec_runs_offline(run_cli, tmp_path: Path) -> No
     assert case["summary"]["layers"]["12"]["sae_hook"] == "blocks.12.hook_resid_post"
     table = pd.read_csv(next((folder / "data").iterdir()) / "per_feature_metrics.csv")
     assert set(table.alpha) == {0.0, 0.5, 1.0, 2.0, 4.0}
+    assert table.feature.drop_duplicates().tolist() == features.feature.tolist()
+    assert table.label.drop_duplicates().tolist() == features.label.tolist()
     assert (table[table.alpha == 1.0][["delta_loss", "kl"]] == 0).all().all()
