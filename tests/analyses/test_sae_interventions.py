@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import itertools
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -567,3 +569,24 @@ def test_params_refuse_features_that_would_be_ignored() -> None:
 def test_params_need_an_sae() -> None:
     with pytest.raises(ValidationError, match="sae"):
         si.SaeInterventionsParams()  # type: ignore[call-arg]
+
+
+def _split_cost(cuts: tuple[int, ...], span: np.ndarray, budget: int) -> float:
+    """The chunker's objective, priced independently: overhead + padded tokens per pass."""
+    total = 0.0
+    for a, b in itertools.pairwise(cuts):
+        if (b - a) * span[a] > budget and b - a > 1:
+            return math.inf
+        total += si.PASS_OVERHEAD_TOKENS + (b - a) * span[a]
+    return total
+
+
+def test_chunker_finds_the_cheapest_split_of_rows() -> None:
+    # Against every way to cut 7 rows into consecutive passes.
+    rng = np.random.default_rng(0)
+    every = [(0, *inner, 7) for k in range(7) for inner in itertools.combinations(range(1, 7), k)]
+    for _ in range(20):
+        span = np.sort(rng.integers(1, 128, size=7))[::-1]  # rows sorted by t0: spans non-increasing
+        budget = int(rng.integers(128, 600))
+        found = _split_cost(tuple(si._cheapest_cuts(span, budget)), span, budget)
+        assert found == min(_split_cost(c, span, budget) for c in every)
