@@ -253,8 +253,8 @@ class CleanReference:
 
 
 def log_sum_exp_(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Log-sum-exp, largest value and its index over the last dimension of float32 ``logits``, in two
-    passes over the vocabulary instead of ``torch.logsumexp`` plus ``max``'s four.
+    """Log-sum-exp, largest value and its index over the last dimension of float32 ``logits``, in
+    three passes over the vocabulary (max, exp in place, sum) instead of ``torch.logsumexp`` plus ``max``.
 
     Overwrites ``logits`` with ``exp(logits - max)``. The clean run and the edited rows both use it,
     so identical logits give identical results.

@@ -840,16 +840,10 @@ def _chunks(rows: list[_Row], length: int, budget: int) -> list[list[_Row]]:
     tokens a pass.
     """
     chunks: list[list[_Row]] = []
-    lo = 0
-    while lo < len(rows):
-        hi = lo
-        while hi < len(rows) and rows[hi].start == rows[lo].start:
-            hi += 1
-        group = rows[lo:hi]
+    for _, same_start in itertools.groupby(rows, key=lambda r: r.start):
+        group = list(same_start)
         span = np.array([length - r.t0 for r in group], dtype=np.int64)  # tokens run from each t0
-        cuts = _cheapest_cuts(span, budget)
-        chunks += [group[a:b] for a, b in itertools.pairwise(cuts)]
-        lo = hi
+        chunks += [group[a:b] for a, b in itertools.pairwise(_cheapest_cuts(span, budget))]
     return chunks
 
 

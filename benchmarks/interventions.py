@@ -54,7 +54,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--layer", type=int, default=12, help="SAE layer (default 12, the shipped SAE)")
     parser.add_argument("--sae", default=str(DEFAULT_SAE), help="SAELens directory; {layer} is replaced")
-    parser.add_argument("--features", type=int, default=5, help="features to intervene on (default 5)")
+    parser.add_argument(
+        "--features", type=int, default=5, help="features to intervene on (default 5; csv takes its rows)"
+    )
     parser.add_argument(
         "--feature-source",
         default="csv",
