@@ -163,21 +163,44 @@ class Unembedding:
 
     weight: torch.Tensor
     """``(d_vocab, d_model)``, contiguous."""
-    bias: torch.Tensor
-    """``(d_vocab,)``."""
+    bias: torch.Tensor | None
+    """``(d_vocab,)``; ``None`` when all zeros (most models): adding 0.0 changes no logit, and a bias
+    costs a full pass over the ``(N, d_vocab)`` output before the matmul."""
     soft_cap: float | None
+    scratch: dict[str, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
+    """The float32 buffer :meth:`scratch_logits` reuses. A fresh logits-sized tensor per call costs
+    more than the exp and sums over it: the allocator maps new pages, and each faults on first write."""
 
     @classmethod
     def of(cls, model: HookedTransformer) -> Unembedding:
         """The unembedding of ``model`` (its current weights)."""
         cap = model.cfg.output_logits_soft_cap
-        return cls(model.W_U.detach().T.contiguous(), model.b_U.detach(), cap if cap and cap > 0 else None)
+        bias = model.b_U.detach()
+        weight = model.W_U.detach().T.contiguous()
+        return cls(weight, bias if bool(bias.any()) else None, cap if cap and cap > 0 else None)
 
     def logits(self, normed: torch.Tensor) -> torch.Tensor:
         """``(..., d_vocab)`` logits of the unembedding's input ``normed`` ``(..., d_model)``."""
         from transformer_lens.utilities.activation_functions import apply_softcap
 
         return apply_softcap(torch.nn.functional.linear(normed, self.weight, self.bias), self.soft_cap)
+
+    def scratch_logits(self, normed: torch.Tensor) -> torch.Tensor:
+        """The same logits as float32, written into a buffer that the next call overwrites: use them
+        up before calling again."""
+        if self.weight.dtype != torch.float32 or self.soft_cap is not None:
+            return self.logits(normed).float()
+        flat = normed.reshape(-1, normed.shape[-1])  # (N, d_model)
+        size = flat.shape[0] * self.weight.shape[0]
+        buffer = self.scratch.get("logits")
+        if buffer is None or buffer.numel() < size or buffer.device != flat.device:
+            buffer = self.scratch["logits"] = torch.empty(size, device=flat.device)
+        out = buffer[:size].view(flat.shape[0], -1)  # (N, d_vocab)
+        if self.bias is None:
+            torch.mm(flat, self.weight.T, out=out)
+        else:
+            torch.addmm(self.bias, flat, self.weight.T, out=out)
+        return out.view(*normed.shape[:-1], -1)
 
 
 @dataclass
@@ -230,7 +253,7 @@ class CleanReference:
         """From the clean final residual stream ``(B, T, d_model)`` of ``tokens`` ``(B, T)``."""
         with torch.no_grad():
             normed = normed_resid(model, resid[:, :-1])  # (B, T-1, d)
-            logits = unembedding.logits(normed).float()  # (B, T-1, V)
+            logits = unembedding.scratch_logits(normed)  # (B, T-1, V)
             capped = logits_are_capped(model)
             loss = -logits.gather(-1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
             exp = logits.clone() if capped else logits
@@ -283,7 +306,7 @@ def compare_rows(
     covering predicting positions ``s .. s+P-1``, with the clean run of those passages."""
     stop = s + resid.shape[1]
     normed = normed_resid(model, resid)  # (R, P, d)
-    logits = clean.unembedding.logits(normed).float()  # (R, P, V)
+    logits = clean.unembedding.scratch_logits(normed)  # (R, P, V)
     if clean.logp is not None:
         lse, top_logit, new_top = log_sum_exp_(logits.clone())
         return _compare_in_vocab(logits, lse, clean, passages, s, stop, new_top, (top_logit - lse).exp())

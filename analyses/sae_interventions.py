@@ -34,9 +34,13 @@ Two ways to compute the same numbers (``method``):
   output is bit-for-bit the clean output, so they add exactly zero to every sum while still
   counting in every mean). The other interventions run only the layers after the hook
   (``start_at_layer``) and only the positions from the first edited one on: a causal model's
-  earlier positions are unchanged, so their keys and values come from the clean pass
-  (TransformerLens' key-value cache). Many (passage, feature, alpha) rows share one forward pass.
-  ``benchmarks/interventions.py`` compares both.
+  earlier positions are unchanged, so their keys and values come from the clean pass (as a prefix
+  of cached keys and values). Many (passage, feature, alpha) rows share one forward pass.
+  The rows run through a lean forward of the same blocks (``analyses/_lean_forward.py``: weights
+  read in place, fused scaled-dot-product attention, no per-call weight copies), checked against
+  TransformerLens' forward on the model's own weights when the run starts; models it does not
+  cover, and ``forward: transformer_lens``, run TransformerLens' blocks with its key-value cache.
+  ``benchmarks/interventions.py`` compares the methods.
 
 The loop computes every metric over the vocabulary from the clean and intervened logits, straight
 from the definitions; the fast path uses the d_model-sized identities of ``CleanReference``. The
@@ -61,6 +65,7 @@ import torch
 from matplotlib.figure import Figure
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from analyses._lean_forward import LeanForward, unsupported_reason
 from analyses._sae_tensors import (
     PADDING,
     CleanReference,
@@ -92,14 +97,14 @@ FwdHooks = list[tuple[str | Callable[..., Any], Callable[..., Any]]]
 Site = Literal["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "mlp_post"]
 METRIC_CHUNK_ELEMENTS = 1 << 25
 """Logit-sized tensors are processed in row chunks of at most this many elements (128 MB in float32)."""
-FAST_PASS_BATCHES = 4
+FAST_PASS_BATCHES = 2
 """A fast-path forward pass runs up to this many batches' worth of tokens (``batch_size`` x
-``max_len`` each): the rows only run the later layers and hold no logits, and every TransformerLens
-forward pass copies each weight matrix once, so fewer, larger passes are faster."""
-PASS_OVERHEAD_TOKENS = 256
-"""The fixed cost of one fast-path forward pass, in tokens run: TransformerLens copies every weight
-matrix of each block it runs once per pass (``W.T.contiguous()``), measured on SmolLM2-135M at about
-as long as running 250-300 tokens through the block. The chunker trades it against padding."""
+``max_len`` each). On 2 CPU cores and SmolLM2-135M a lean pass costs least per token between about
+800 and 2000 tokens; past 3000 its intermediate tensors outgrow the caches and it slows down."""
+PASS_OVERHEAD_TOKENS = 64
+"""The fixed cost of one fast-path forward pass, in tokens run: a pass reads every weight of the
+blocks it runs however few tokens it holds, measured on SmolLM2-135M (lean forward, 2 CPU cores) at
+about as long as running 60-70 tokens. The chunker trades it against padding."""
 MAX_PASS_ROWS = 512
 """Rows one fast-path pass may hold at most (bounds the chunker's search)."""
 
@@ -155,6 +160,12 @@ class SaeInterventionsParams(BaseModel):
 
     method: Literal["fast", "loop"] = "fast"
     """`fast`: the exact fast path; `loop`: one full forward pass per (layer, feature, alpha), as the seed."""
+
+    forward: Literal["lean", "transformer_lens"] = "lean"
+    """Blocks the fast path's rows run through: `lean` (the same blocks with weights read in place and
+    fused attention, checked against TransformerLens when the run starts) or `transformer_lens` (its
+    own forward, with its key-value cache). Same numbers to float32 rounding; lean is about twice as
+    fast. Models lean does not cover run on TransformerLens either way, with a note."""
 
     exclude_bos: bool = True
     """Never edit, nor count as firing, a passage's leading BOS token."""
@@ -243,6 +254,8 @@ class Workload:
     exclude_bos: bool
     bos_id: int | None
     unembedding: Unembedding
+    lean: LeanForward | None = None
+    """Fast path: the blocks the rows run, with weights laid out once (``None``: TransformerLens' own)."""
     interventions: list[Intervention] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -399,7 +412,8 @@ class CleanBatch:
     starts: dict[int, torch.Tensor] = field(default_factory=dict)
     """Fast path: the residual stream entering block ``L`` ``(B, T, d)``, per start layer."""
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    """Fast path: keys and values ``(B, T, n_kv_heads, d_head)`` per layer (before rotary)."""
+    """Fast path: keys and values ``(B, T, n_kv_heads, d_head)`` per layer (keys after the rotary
+    embedding for the lean forward, before it for TransformerLens' cache; see ``_key_hook``)."""
     clean_logits: torch.Tensor | None = None
     """Loop: the clean logits of the predicting positions ``(B, T-1, V)``."""
 
@@ -446,8 +460,19 @@ def _workload(
     elif params.alpha not in params.alpha_sweep and params.mode != "ablate":
         ctx.note(f"alpha {params.alpha:g} is not in alpha_sweep; it was measured too.")
     features, labels = _select_features(ctx, params, saes, bos, where)
-    unembedding = Unembedding.of(ctx.model.model)
-    return Workload(saes, features, labels, alphas, params.mode, params.exclude_bos, bos, unembedding)
+    model = ctx.model.model
+    unembedding = Unembedding.of(model)
+    lean = _lean_forward(ctx, model) if params.method == "fast" and params.forward == "lean" else None
+    return Workload(saes, features, labels, alphas, params.mode, params.exclude_bos, bos, unembedding, lean)
+
+
+def _lean_forward(ctx: StepContext, model: HookedTransformer) -> LeanForward | None:
+    """The fast path's blocks, built once per run (``None``, with a note, where TransformerLens' run)."""
+    lean = ctx.cached(("lean_forward", id(model)), lambda: LeanForward.of(model))
+    if lean is None:
+        reason = unsupported_reason(model) or "it disagreed with TransformerLens' forward on this model"
+        ctx.note(f"The fast path runs TransformerLens' own blocks, not the lean forward: {reason}.")
+    return lean
 
 
 # ----------------------------------------------------------------------------------------------
@@ -690,7 +715,7 @@ def _clean_batch(
         hooks += [_start_input_hook(start, n_layers) for start, _ in entries]
         first_start = min(start for start, _ in entries)
         for layer in range(first_start, n_layers):
-            hooks += [f"blocks.{layer}.attn.hook_k", f"blocks.{layer}.attn.hook_v"]
+            hooks += [_key_hook(workload, model, layer), f"blocks.{layer}.attn.hook_v"]
     acts, resid = capture(model, tokens, hooks, stop_at_layer=n_layers)
     assert resid is not None
     clean = CleanReference.of(model, resid, tokens, workload.unembedding)
@@ -709,10 +734,18 @@ def _clean_batch(
     if fast:
         batch.starts = {start: acts[_start_input_hook(start, n_layers)] for start, _ in entries}
         batch.kv = {
-            layer: (acts[f"blocks.{layer}.attn.hook_k"], acts[f"blocks.{layer}.attn.hook_v"])
+            layer: (acts[_key_hook(workload, model, layer)], acts[f"blocks.{layer}.attn.hook_v"])
             for layer in range(min(start for start, _ in entries), n_layers)
         }
     return batch
+
+
+def _key_hook(workload: Workload, model: HookedTransformer, layer: int) -> str:
+    """Keys as the fast path's prefix takes them: rotated for the lean forward, as TransformerLens'
+    key-value cache holds them (before rotation) otherwise."""
+    if workload.lean is not None:
+        return LeanForward.key_hook(layer, workload.lean.rotary)
+    return f"blocks.{layer}.attn.hook_k"
 
 
 def _clean_loss(batch: CleanBatch) -> float:
@@ -894,9 +927,13 @@ def _run_chunk(
     in_block = _entry(loaded.hook_name, n_layers)[1]
     resid_in = batch.starts[start][passages, s:] if in_block else x + delta
     hooks: FwdHooks = [(loaded.hook_name, lambda act, hook: act + delta)] if in_block else []
-    cache = _prefix_cache(model, batch, passages, s, start) if s > 0 else None
     with torch.no_grad(), model.hooks(fwd_hooks=hooks):
-        resid = model(resid_in, start_at_layer=start, stop_at_layer=n_layers, past_kv_cache=cache)
+        if workload.lean is not None:
+            prefix = [(k[passages, :s], v[passages, :s]) for k, v in _kv_from(batch, start)] if s else None
+            resid = workload.lean.run(resid_in, start, n_layers, prefix)
+        else:
+            cache = _prefix_cache(model, batch, passages, s, start) if s > 0 else None
+            resid = model(resid_in, start_at_layer=start, stop_at_layer=n_layers, past_kv_cache=cache)
     rows, blocks = len(chunk), n_layers - start
     work.forward_passes += 1
     work.rows_run += rows
@@ -907,6 +944,11 @@ def _run_chunk(
     work.needed_attention_pairs_layers += sum(_pairs(r.t0, length) for r in chunk) * blocks
     work.needed_unembed_tokens += sum(length - 1 - r.t0 for r in chunk)
     _score(model, resid, batch, passages, [r.iv for r in chunk], s, totals)
+
+
+def _kv_from(batch: CleanBatch, start: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The clean keys and values ``(B, T, n_kv_heads, d_head)`` of blocks ``start`` on."""
+    return [batch.kv[layer] for layer in sorted(batch.kv) if layer >= start]
 
 
 def _pairs(s: int, length: int) -> int:

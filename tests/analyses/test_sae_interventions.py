@@ -232,6 +232,22 @@ def test_soft_capped_logits_match_independent_hooks(tiny_model: LoadedModel, gpt
             )
 
 
+def test_a_model_the_lean_forward_does_not_cover_runs_on_transformer_lens_blocks(
+    tiny_model: LoadedModel, gpt_saes: Path
+) -> None:
+    """Soft-capped attention scores (Gemma 2) are outside the lean forward: the fast path says so and
+    runs TransformerLens' own blocks, with the same numbers."""
+    capped = copy.deepcopy(tiny_model)
+    capped.model.cfg.attn_scores_soft_cap = 0.5
+    hook = "blocks.0.hook_resid_post"
+    tokens = tokens_for(capped)
+    output, ctx = run(capped, gpt_saes, tokens, path=hook, features="0-3", alpha_sweep=[0], alpha=3)
+    assert any("TransformerLens' own blocks" in note and "attn_scores_soft_cap" in note for note in ctx.notes)
+    sae = load_sae(gpt_saes, hook)
+    for feature in range(4):
+        assert_matches(row(output, 0, feature, 3.0), independent(capped, sae, hook, tokens, feature, 3.0))
+
+
 @pytest.mark.parametrize("mode", ["clamp", "ablate"])
 def test_clamp_and_ablate_match_independent_hooks(llama: LoadedModel, sae_dir: Path, mode: str) -> None:
     hook = "blocks.1.hook_resid_pre"
@@ -255,7 +271,10 @@ def test_a_site_inside_the_block_matches_independent_hooks(llama: LoadedModel, s
         assert_matches(row(output, 1, feature, 2.0), independent(llama, sae, hook, tokens, feature, 2.0))
 
 
-def test_fast_path_equals_loop_on_every_metric_over_several_layers(llama: LoadedModel, sae_dir: Path) -> None:
+@pytest.mark.parametrize("forward", ["lean", "transformer_lens"])
+def test_fast_path_equals_loop_on_every_metric_over_several_layers(
+    llama: LoadedModel, sae_dir: Path, forward: str
+) -> None:
     tokens = tokens_for(llama, n=7, length=14, seed=3)
     common = {
         "path": "blocks.{layer}.hook_resid_post",
@@ -264,7 +283,8 @@ def test_fast_path_equals_loop_on_every_metric_over_several_layers(llama: Loaded
         "alpha_sweep": [0],
         "alpha": 3,
     }
-    fast, _ = run(llama, sae_dir, tokens, method="fast", batch_size=3, **common)
+    fast, ctx = run(llama, sae_dir, tokens, method="fast", forward=forward, batch_size=3, **common)
+    assert not [note for note in ctx.notes if "TransformerLens' own blocks" in note]
     loop, _ = run(llama, sae_dir, tokens, method="loop", batch_size=3, **common)
     for a, b in zip(rows_of(fast), rows_of(loop), strict=True):
         for key, value in a.items():

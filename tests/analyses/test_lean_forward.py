@@ -1,0 +1,165 @@
+"""The lean block forward of the interventions' fast path against TransformerLens' own forward."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from analyses._lean_forward import LeanForward, unsupported_reason
+
+N_LAYERS = 3
+
+
+def make_model(**overrides: Any) -> Any:
+    """A random 3-layer ``HookedTransformer`` with every weight, bias and norm scale randomized (TL
+    initializes biases to zero and norms to one, which would hide a bias or norm mix-up)."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    settings: dict[str, Any] = {
+        "n_layers": N_LAYERS,
+        "d_model": 48,
+        "d_mlp": 96,
+        "n_heads": 6,
+        "d_head": 8,
+        "n_ctx": 64,
+        "d_vocab": 101,
+        "act_fn": "gelu_new",
+        "normalization_type": "LN",
+        "seed": 0,
+        "device": "cpu",
+    }
+    model = HookedTransformer(HookedTransformerConfig(**{**settings, **overrides})).eval()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.startswith("blocks."):
+                scale = 0.3 if param.ndim > 1 else 0.5
+                noise = torch.randn(param.shape, generator=generator) * scale
+                param.copy_(1.0 + noise if name.endswith(".w") else noise)
+    return model
+
+
+ARCHITECTURES = {
+    "gpt2": {},
+    "llama": {
+        "normalization_type": "RMS",
+        "positional_embedding_type": "rotary",
+        "rotary_dim": 8,
+        "gated_mlp": True,
+        "act_fn": "silu",
+        "n_key_value_heads": 2,
+    },
+    "gptj_rotary": {  # rotary on part of each head, adjacent pairs, one key-value head
+        "positional_embedding_type": "rotary",
+        "rotary_dim": 4,
+        "rotary_adjacent_pairs": True,
+        "n_key_value_heads": 1,
+    },
+}
+
+
+@pytest.fixture(scope="module", params=sorted(ARCHITECTURES))
+def model(request: pytest.FixtureRequest) -> Any:
+    return make_model(**ARCHITECTURES[request.param])
+
+
+def reference(model: Any, tokens: torch.Tensor, lean: LeanForward) -> tuple[dict[str, torch.Tensor], Any]:
+    """TransformerLens' forward over the whole passages, keeping what the lean pass starts from."""
+    names = {f"blocks.{layer}.hook_resid_pre" for layer in range(N_LAYERS)}
+    for layer in range(N_LAYERS):
+        names |= {lean.key_hook(layer, lean.rotary), f"blocks.{layer}.attn.hook_v"}
+    with torch.no_grad():
+        final, cache = model.run_with_cache(tokens, stop_at_layer=N_LAYERS, names_filter=lambda n: n in names)
+    return {name: cache[name] for name in names}, final
+
+
+def assert_close(got: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal to float32 rounding: 1e-5 of the largest |activation| (the random weights make some large)."""
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
+
+
+def tokens_of(model: Any, n: int = 3, length: int = 14) -> torch.Tensor:
+    return torch.randint(model.cfg.d_vocab, (n, length), generator=torch.Generator().manual_seed(2))
+
+
+@pytest.mark.parametrize(("start", "offset"), [(0, 0), (0, 5), (1, 9), (2, 13)])
+def test_lean_pass_matches_transformer_lens_from_any_block_and_position(
+    model: Any, start: int, offset: int
+) -> None:
+    lean = LeanForward.of(model)
+    assert lean is not None, unsupported_reason(model)
+    tokens = tokens_of(model)
+    acts, final = reference(model, tokens, lean)
+    prefix = [
+        (acts[lean.key_hook(layer, lean.rotary)][:, :offset], acts[f"blocks.{layer}.attn.hook_v"][:, :offset])
+        for layer in range(start, N_LAYERS)
+    ]
+    with torch.no_grad():
+        got = lean.run(acts[f"blocks.{start}.hook_resid_pre"][:, offset:], start, N_LAYERS, prefix or None)
+    assert_close(got, final[:, offset:])
+
+
+def test_block_hooks_edit_the_lean_pass_as_they_edit_transformer_lens(model: Any) -> None:
+    lean = LeanForward.of(model)
+    assert lean is not None
+    shift = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(3))
+    hooks = [
+        ("blocks.0.hook_attn_out", lambda act, hook: act + shift),
+        ("blocks.1.mlp.hook_post", lambda act, hook: act * 0.5),
+        ("blocks.2.hook_resid_mid", lambda act, hook: act - shift),
+    ]
+    tokens = tokens_of(model)
+    with torch.no_grad():
+        expected = model.run_with_hooks(tokens, stop_at_layer=N_LAYERS, fwd_hooks=hooks)
+        start = model.run_with_hooks(tokens, stop_at_layer=0)  # (B, T, d): the embeddings
+        with model.hooks(fwd_hooks=hooks):
+            got = lean.run(start, 0, N_LAYERS)
+    assert not torch.allclose(expected, model(tokens, stop_at_layer=N_LAYERS), atol=1e-3)
+    assert_close(got, expected)
+
+
+def test_lean_pass_reads_the_live_weights() -> None:
+    """Weight edits (zeroing a super weight, say) reach the lean pass: it keeps no copy."""
+    model = make_model(**ARCHITECTURES["llama"])
+    lean = LeanForward.of(model)
+    assert lean is not None
+    tokens = tokens_of(model)
+    with torch.no_grad():
+        start = model(tokens, stop_at_layer=0)
+        before = lean.run(start, 0, N_LAYERS)
+        model.blocks[1].mlp.W_out[3, 5] = 40.0
+        model.blocks[0].attn.W_Q[2, 1, 4] = -7.0
+        after = lean.run(start, 0, N_LAYERS)
+        expected = model(tokens, stop_at_layer=N_LAYERS)
+    assert not torch.allclose(before, after, atol=1e-3)
+    assert_close(after, expected)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"attn_scores_soft_cap": 30.0}, "attn_scores_soft_cap"),
+        ({"parallel_attn_mlp": True}, "parallel_attn_mlp"),
+        ({"use_qk_norm": True, "n_key_value_heads": 2}, "use_qk_norm"),
+        ({"positional_embedding_type": "alibi"}, "alibi"),
+    ],
+)
+def test_unsupported_configurations_are_refused_with_the_reason(
+    overrides: dict[str, Any], named: str
+) -> None:
+    model = make_model(**overrides)
+    reason = unsupported_reason(model)
+    assert reason is not None and named in reason
+    assert LeanForward.of(model) is None
+
+
+def test_a_lean_pass_that_disagrees_with_transformer_lens_is_not_used(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = make_model()
+    assert LeanForward.of(model) is not None
+    original = LeanForward._mlp
+    monkeypatch.setattr(LeanForward, "_mlp", lambda self, layer, x: original(self, layer, x) * 1.001)
+    assert LeanForward.of(model) is None
