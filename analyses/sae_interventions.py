@@ -1320,6 +1320,7 @@ def _summary(
         "model": ctx.model.name,
         "mode": workload.mode,
         "method": params.method,
+        "forward": None if params.method == "loop" else "lean" if workload.lean else "transformer_lens",
         "alpha": headline,
         "alphas": list(workload.alphas),
         "feature_source": params.chosen_source,

@@ -243,6 +243,7 @@ def test_a_model_the_lean_forward_does_not_cover_runs_on_transformer_lens_blocks
     tokens = tokens_for(capped)
     output, ctx = run(capped, gpt_saes, tokens, path=hook, features="0-3", alpha_sweep=[0], alpha=3)
     assert any("TransformerLens' own blocks" in note and "attn_scores_soft_cap" in note for note in ctx.notes)
+    assert output.summary["forward"] == "transformer_lens"
     sae = load_sae(gpt_saes, hook)
     for feature in range(4):
         assert_matches(row(output, 0, feature, 3.0), independent(capped, sae, hook, tokens, feature, 3.0))
@@ -285,6 +286,7 @@ def test_fast_path_equals_loop_on_every_metric_over_several_layers(
     }
     fast, ctx = run(llama, sae_dir, tokens, method="fast", forward=forward, batch_size=3, **common)
     assert not [note for note in ctx.notes if "TransformerLens' own blocks" in note]
+    assert fast.summary["forward"] == forward
     loop, _ = run(llama, sae_dir, tokens, method="loop", batch_size=3, **common)
     for a, b in zip(rows_of(fast), rows_of(loop), strict=True):
         for key, value in a.items():
@@ -563,6 +565,7 @@ def test_report_partials_render(
     assert "SAE feature interventions" in text and "blocks.1.hook_resid_post" in text
     assert "layer_vs_dloss_alpha2" in text
     assert "alpha = 1 is exactly the clean model" in text
+    assert "method `fast` on lean blocks" in text or "method <code>fast</code> on lean blocks" in text
 
 
 # --- params ---------------------------------------------------------------------------------------
