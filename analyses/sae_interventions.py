@@ -164,8 +164,8 @@ class SaeInterventionsParams(BaseModel):
     forward: Literal["lean", "transformer_lens"] = "lean"
     """Blocks the fast path's rows run through: `lean` (the same blocks with weights read in place and
     fused attention, checked against TransformerLens when the run starts) or `transformer_lens` (its
-    own forward, with its key-value cache). Same numbers to float32 rounding; lean is about twice as
-    fast. Models lean does not cover run on TransformerLens either way, with a note."""
+    own forward, with its key-value cache). Same numbers to float32 rounding; lean blocks run about
+    twice as fast. Models lean does not cover run on TransformerLens either way, with a note."""
 
     exclude_bos: bool = True
     """Never edit, nor count as firing, a passage's leading BOS token."""
@@ -255,7 +255,7 @@ class Workload:
     bos_id: int | None
     unembedding: Unembedding
     lean: LeanForward | None = None
-    """Fast path: the blocks the rows run, with weights laid out once (``None``: TransformerLens' own)."""
+    """Fast path: the lean block forward the rows run through (``None``: TransformerLens' blocks)."""
     interventions: list[Intervention] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -467,7 +467,7 @@ def _workload(
 
 
 def _lean_forward(ctx: StepContext, model: HookedTransformer) -> LeanForward | None:
-    """The fast path's blocks, built once per run (``None``, with a note, where TransformerLens' run)."""
+    """The lean forward, checked once per run (``None``, with a note, where TransformerLens' blocks run)."""
     lean = ctx.cached(("lean_forward", id(model)), lambda: LeanForward.of(model))
     if lean is None:
         reason = unsupported_reason(model) or "it disagreed with TransformerLens' forward on this model"

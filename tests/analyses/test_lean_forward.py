@@ -163,3 +163,11 @@ def test_a_lean_pass_that_disagrees_with_transformer_lens_is_not_used(
     original = LeanForward._mlp
     monkeypatch.setattr(LeanForward, "_mlp", lambda self, layer, x: original(self, layer, x) * 1.001)
     assert LeanForward.of(model) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_pass_the_check_at_their_own_rounding(dtype: torch.dtype) -> None:
+    model = make_model(**ARCHITECTURES["llama"], dtype=dtype)
+    lean = LeanForward.of(model)
+    assert lean is not None
+    assert 1e-4 < lean.max_difference() < 0.1  # 16-bit rounding, not float32's, and no structural error

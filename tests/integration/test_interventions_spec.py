@@ -74,6 +74,7 @@ def test_trained_sae_feeds_interventions_and_both_methods_agree(
     assert set(cases) == {"train", "interventions[method=fast]", "interventions[method=loop]"}
     note = "blocks.0.hook_resid_post is served by the SAE trained on blocks.1.hook_resid_pre"
     assert any(note in n for n in cases["interventions[method=fast]"]["notes"])
+    assert cases["interventions[method=fast]"]["summary"]["forward"] == "lean"
     fast = pd.read_csv(folder / "data" / "interventions[method=fast]" / "per_feature_metrics.csv")
     loop = pd.read_csv(folder / "data" / "interventions[method=loop]" / "per_feature_metrics.csv")
     assert len(fast) == 3 * 4 and list(fast.hook.unique()) == ["blocks.0.hook_resid_post"]  # alpha 2 added
@@ -155,6 +156,7 @@ def test_embedded_interventions_spec_runs_offline(run_cli, tmp_path: Path) -> No
     folder = next((tmp_path / "runs" / "smollm2-interventions").iterdir())
     [case] = json.loads((folder / "manifest.json").read_text())["cases"].values()
     assert case["summary"]["layers"]["12"]["sae_hook"] == "blocks.12.hook_resid_post"
+    assert case["summary"]["forward"] == "lean"  # the lean forward passed its check on SmolLM2's weights
     table = pd.read_csv(next((folder / "data").iterdir()) / "per_feature_metrics.csv")
     assert set(table.alpha) == {0.0, 0.5, 1.0, 2.0, 4.0}
     assert table.feature.drop_duplicates().tolist() == features.feature.tolist()
