@@ -175,7 +175,7 @@ class Unembedding:
     def of(cls, model: HookedTransformer) -> Unembedding:
         """The unembedding of ``model`` (its current weights)."""
         cap = model.cfg.output_logits_soft_cap
-        bias = model.b_U.detach()
+        bias = model.b_U.detach().clone()
         weight = model.W_U.detach().T.contiguous()
         return cls(weight, bias if bool(bias.any()) else None, cap if cap and cap > 0 else None)
 
@@ -194,13 +194,13 @@ class Unembedding:
         size = flat.shape[0] * self.weight.shape[0]
         buffer = self.scratch.get("logits")
         if buffer is None or buffer.numel() < size or buffer.device != flat.device:
-            buffer = self.scratch["logits"] = torch.empty(size, device=flat.device)
-        out = buffer[:size].view(flat.shape[0], -1)  # (N, d_vocab)
+            buffer = self.scratch["logits"] = torch.empty(size, dtype=torch.float32, device=flat.device)
+        out = buffer[:size].view(flat.shape[0], self.weight.shape[0])  # (N, d_vocab)
         if self.bias is None:
             torch.mm(flat, self.weight.T, out=out)
         else:
             torch.addmm(self.bias, flat, self.weight.T, out=out)
-        return out.view(*normed.shape[:-1], -1)
+        return out.view(*normed.shape[:-1], self.weight.shape[0])
 
 
 @dataclass

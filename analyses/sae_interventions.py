@@ -36,10 +36,10 @@ Two ways to compute the same numbers (``method``):
   (``start_at_layer``) and only the positions from the first edited one on: a causal model's
   earlier positions are unchanged, so their keys and values come from the clean pass (as a prefix
   of cached keys and values). Many (passage, feature, alpha) rows share one forward pass.
-  The rows run through a lean forward of the same blocks (``analyses/_lean_forward.py``: weights
-  read in place, fused scaled-dot-product attention, no per-call weight copies), checked against
-  TransformerLens' forward on the model's own weights when the run starts; models it does not
-  cover, and ``forward: transformer_lens``, run TransformerLens' blocks with its key-value cache.
+  The rows run through a lean forward of the same blocks (``analyses/_lean_forward.py``: MLP and
+  output weights read in place, one matmul for Q, K and V, scaled-dot-product attention), checked
+  against TransformerLens' forward on the model's own weights when the run starts; models it does
+  not cover, and ``forward: transformer_lens``, run TransformerLens' blocks with its key-value cache.
   ``benchmarks/interventions.py`` compares the methods.
 
 The loop computes every metric over the vocabulary from the clean and intervened logits, straight
@@ -65,7 +65,7 @@ import torch
 from matplotlib.figure import Figure
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from analyses._lean_forward import LeanForward, unsupported_reason
+from analyses._lean_forward import LeanForward
 from analyses._sae_tensors import (
     PADDING,
     CleanReference,
@@ -97,14 +97,28 @@ FwdHooks = list[tuple[str | Callable[..., Any], Callable[..., Any]]]
 Site = Literal["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "mlp_post"]
 METRIC_CHUNK_ELEMENTS = 1 << 25
 """Logit-sized tensors are processed in row chunks of at most this many elements (128 MB in float32)."""
-FAST_PASS_BATCHES = 2
-"""A fast-path forward pass runs up to this many batches' worth of tokens (``batch_size`` x
-``max_len`` each). On 2 CPU cores and SmolLM2-135M a lean pass costs least per token between about
-800 and 2000 tokens; past 3000 its intermediate tensors outgrow the caches and it slows down."""
-PASS_OVERHEAD_TOKENS = 64
-"""The fixed cost of one fast-path forward pass, in tokens run: a pass reads every weight of the
-blocks it runs however few tokens it holds, measured on SmolLM2-135M (lean forward, 2 CPU cores) at
-about as long as running 60-70 tokens. The chunker trades it against padding."""
+
+
+@dataclass(frozen=True)
+class PassSizing:
+    """How the fast path packs rows into forward passes, per block forward (measured on SmolLM2-135M,
+    2 CPU cores)."""
+
+    batches: int
+    """A pass runs up to this many batches' worth of tokens (``batch_size`` x ``max_len`` each)."""
+    overhead_tokens: int
+    """The fixed cost of one pass, in tokens run; the chunker trades it against padding."""
+
+
+PASS_SIZING = {
+    # A lean pass reads every weight of its blocks however few tokens it holds (as long as running
+    # 60-70 tokens), and costs least per token between about 800 and 2000 tokens; past 3000 its
+    # intermediate tensors outgrow the caches.
+    "lean": PassSizing(batches=2, overhead_tokens=64),
+    # TransformerLens copies its weight matrices on every call, as long as running 250-300 tokens;
+    # fewer, larger passes suit it.
+    "transformer_lens": PassSizing(batches=4, overhead_tokens=256),
+}
 MAX_PASS_ROWS = 512
 """Rows one fast-path pass may hold at most (bounds the chunker's search)."""
 
@@ -163,9 +177,10 @@ class SaeInterventionsParams(BaseModel):
 
     forward: Literal["lean", "transformer_lens"] = "lean"
     """Blocks the fast path's rows run through: `lean` (the same blocks with weights read in place and
-    fused attention, checked against TransformerLens when the run starts) or `transformer_lens` (its
-    own forward, with its key-value cache). Same numbers to float32 rounding; lean blocks run about
-    twice as fast. Models lean does not cover run on TransformerLens either way, with a note."""
+    scaled-dot-product attention, checked against TransformerLens when the run starts) or
+    `transformer_lens` (its own forward, with its key-value cache). Same numbers to float32
+    rounding; on SmolLM2-135M lean blocks take 26 us per token against 33 us (up to twice as fast
+    in larger passes). Models lean does not cover run on TransformerLens either way, with a note."""
 
     exclude_bos: bool = True
     """Never edit, nor count as firing, a passage's leading BOS token."""
@@ -468,11 +483,11 @@ def _workload(
 
 def _lean_forward(ctx: StepContext, model: HookedTransformer) -> LeanForward | None:
     """The lean forward, checked once per run (``None``, with a note, where TransformerLens' blocks run)."""
-    lean = ctx.cached(("lean_forward", id(model)), lambda: LeanForward.of(model))
-    if lean is None:
-        reason = unsupported_reason(model) or "it disagreed with TransformerLens' forward on this model"
-        ctx.note(f"The fast path runs TransformerLens' own blocks, not the lean forward: {reason}.")
-    return lean
+    refusal = ctx.cached(("lean_forward_refusal", model), lambda: LeanForward.refusal(model))
+    if refusal is not None:
+        ctx.note(f"The fast path runs TransformerLens' own blocks, not the lean forward: {refusal}.")
+        return None
+    return LeanForward(model)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -671,8 +686,9 @@ def _run(ctx: StepContext, params: SaeInterventionsParams, workload: Workload, b
         _count_features(batch, workload, counts, totals)
         start = time.perf_counter()
         if method == "fast":
-            budget = FAST_PASS_BATCHES * batch_size * tokens.shape[1]
-            _fast_batch(model, batch, workload, totals, work, budget)
+            sizing = PASS_SIZING["lean" if workload.lean is not None else "transformer_lens"]
+            budget = sizing.batches * batch_size * tokens.shape[1]
+            _fast_batch(model, batch, workload, totals, work, budget, sizing.overhead_tokens)
         else:
             _loop_batch(model, batch, workload, totals, work)
         work.seconds_interventions += time.perf_counter() - start
@@ -843,7 +859,13 @@ class _Row:
 
 
 def _fast_batch(
-    model: HookedTransformer, batch: CleanBatch, workload: Workload, totals: Totals, work: Work, budget: int
+    model: HookedTransformer,
+    batch: CleanBatch,
+    workload: Workload,
+    totals: Totals,
+    work: Work,
+    budget: int,
+    overhead: int,
 ) -> None:
     """The fast path: skip what cannot change, run the rest from the hook and the first edited position."""
     n_layers, length = model.cfg.n_layers, int(batch.tokens.shape[1])
@@ -859,16 +881,16 @@ def _fast_batch(
         work.rows_not_firing += int((~fired).sum())
         rows += [_Row(start, int(t0[b]), b, iv) for b in torch.nonzero(fired).flatten().tolist()]
     rows.sort(key=lambda r: (r.start, r.t0, r.iv.index, r.passage))
-    for chunk in _chunks(rows, length, budget):
+    for chunk in _chunks(rows, length, budget, overhead):
         _run_chunk(model, batch, workload, chunk, totals, work)
 
 
-def _chunks(rows: list[_Row], length: int, budget: int) -> list[list[_Row]]:
+def _chunks(rows: list[_Row], length: int, budget: int, overhead: int) -> list[list[_Row]]:
     """Split rows sorted by (start block, t0) into forward passes of least total cost.
 
     A pass runs every row of it from the pass's smallest t0, so a row with a later t0 pays for
-    positions that are still clean (padding); every pass also pays a fixed cost
-    (:data:`PASS_OVERHEAD_TOKENS`). Within each start block the rows are split into consecutive runs
+    positions that are still clean (padding); every pass also pays a fixed cost of ``overhead``
+    tokens (:class:`PassSizing`). Within each start block the rows are split into consecutive runs
     by dynamic programming: cost(run) = overhead + rows x (length - first t0), at most ``budget``
     tokens a pass.
     """
@@ -876,11 +898,11 @@ def _chunks(rows: list[_Row], length: int, budget: int) -> list[list[_Row]]:
     for _, same_start in itertools.groupby(rows, key=lambda r: r.start):
         group = list(same_start)
         span = np.array([length - r.t0 for r in group], dtype=np.int64)  # tokens run from each t0
-        chunks += [group[a:b] for a, b in itertools.pairwise(_cheapest_cuts(span, budget))]
+        chunks += [group[a:b] for a, b in itertools.pairwise(_cheapest_cuts(span, budget, overhead))]
     return chunks
 
 
-def _cheapest_cuts(span: np.ndarray, budget: int) -> list[int]:
+def _cheapest_cuts(span: np.ndarray, budget: int, overhead: int) -> list[int]:
     """Boundaries ``0 = c0 < c1 < ... = n`` minimizing sum(overhead + (c_{k+1} - c_k) * span[c_k])
     with ``(c_{k+1} - c_k) * span[c_k] <= budget`` (a single row is always allowed).
 
@@ -891,7 +913,7 @@ def _cheapest_cuts(span: np.ndarray, budget: int) -> list[int]:
     back = np.zeros(n + 1, dtype=np.int64)
     for i in range(1, n + 1):
         j = np.arange(max(0, i - MAX_PASS_ROWS), i)  # candidate first rows of the last run
-        cost = best[j] + PASS_OVERHEAD_TOKENS + (i - j) * span[j]
+        cost = best[j] + overhead + (i - j) * span[j]
         cost[((i - j) * span[j] > budget) & (j < i - 1)] = np.inf
         k = int(np.argmin(cost))
         best[i], back[i] = cost[k], j[k]

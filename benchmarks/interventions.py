@@ -174,6 +174,8 @@ def run(
     seconds = time.perf_counter() - started
     label = method if method == "loop" else f"{method} ({forward})"
     print(f"{label:>24}: {seconds:8.1f} s  (load average {os.getloadavg()[0]:.2f})", file=sys.stderr)
+    if method == "fast" and output.summary["forward"] != forward:  # the lean forward refused the model
+        raise SystemExit(f"the {label} run used {output.summary['forward']} blocks: {ctx.notes}")
     return {
         "seconds": seconds,
         "rows": output.data["per_feature_metrics.jsonl"],

@@ -594,13 +594,13 @@ def test_params_need_an_sae() -> None:
         si.SaeInterventionsParams()  # type: ignore[call-arg]
 
 
-def _split_cost(cuts: tuple[int, ...], span: np.ndarray, budget: int) -> float:
+def _split_cost(cuts: tuple[int, ...], span: np.ndarray, budget: int, overhead: int) -> float:
     """The chunker's objective, priced independently: overhead + padded tokens per pass."""
     total = 0.0
     for a, b in itertools.pairwise(cuts):
         if (b - a) * span[a] > budget and b - a > 1:
             return math.inf
-        total += si.PASS_OVERHEAD_TOKENS + (b - a) * span[a]
+        total += overhead + (b - a) * span[a]
     return total
 
 
@@ -611,5 +611,6 @@ def test_chunker_finds_the_cheapest_split_of_rows() -> None:
     for _ in range(20):
         span = np.sort(rng.integers(1, 128, size=7))[::-1]  # rows sorted by t0: spans non-increasing
         budget = int(rng.integers(128, 600))
-        found = _split_cost(tuple(si._cheapest_cuts(span, budget)), span, budget)
-        assert found == min(_split_cost(c, span, budget) for c in every)
+        overhead = int(rng.integers(0, 300))
+        found = _split_cost(tuple(si._cheapest_cuts(span, budget, overhead)), span, budget, overhead)
+        assert found == min(_split_cost(c, span, budget, overhead) for c in every)
