@@ -7,7 +7,7 @@ scores, causal mask and pattern one elementwise pass at a time. The fast path of
 ``sae_interventions`` runs hundreds of thousands of token-blocks, so it runs the same blocks with:
 
 - weights used as they are stored (``x @ W``: the matmul reads the transposed layout directly),
-  except the Q, K and V projections, copied into one matrix per call (a fifth of a block's
+  except the Q, K and V projections, copied into one matrix per call (under a quarter of a block's
   weights) so that they take one matmul;
 - attention by ``F.scaled_dot_product_attention``, with a prefix of cached keys and values (the
   rows' unchanged positions) and the causal mask offset by its length; grouped-query heads share
@@ -32,6 +32,7 @@ blocking and softmax order differ), not bit for bit.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -91,18 +92,17 @@ def unsupported_reason(model: HookedTransformer) -> str | None:
         return f"attention_dir {cfg.attention_dir!r}"
     if cfg.attn_types is not None and set(cfg.attn_types) != {"global"}:
         return f"attn_types {sorted(set(cfg.attn_types))}"
-    if cfg.original_architecture in POST_NORM_ARCHITECTURES or (cfg.original_architecture or "").startswith(
-        "Olmo"
-    ):
-        return f"architecture {cfg.original_architecture}"
+    architecture = cfg.original_architecture or ""
+    if architecture in POST_NORM_ARCHITECTURES or architecture.startswith("Olmo"):  # post-norm, QK norm
+        return f"architecture {architecture}"
     return None
 
 
 def _qkv_weight(attn: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """Q, K and V projections as one ``(d_model, (H + 2 Hkv) d_head)`` matrix and its bias.
 
-    Built on every call from the live parameters (a copy of 4 d_model x d_head x heads numbers, small
-    next to a pass's matmuls), so nothing is duplicated and weight edits are always seen.
+    Built on every call from the live parameters (a copy of (H + 2 Hkv) x d_model x d_head numbers,
+    small next to a pass's matmuls), so nothing is kept between calls and weight edits are always seen.
     """
     grouped = hasattr(attn, "_W_K")
     w_k, w_v = (attn._W_K, attn._W_V) if grouped else (attn.W_K, attn.W_V)
@@ -129,11 +129,13 @@ class LeanForward:
         reason = unsupported_reason(model)
         if reason is not None:
             return reason
-        models = [("", model)]
+        checks: list[tuple[str, Callable[[], HookedTransformer]]] = [("", lambda: model)]
         if model.cfg.dtype not in (torch.float32, torch.float64):
-            models.append(("on a random float32 model of the same architecture, ", _float32_twin(model)))
-        for where, checked in models:
+            twin = "on a random float32 model of the same architecture, "
+            checks.append((twin, lambda: _float32_twin(model)))
+        for where, build in checks:
             try:
+                checked = build()
                 error = cls(checked).max_difference()
             except Exception as exc:  # any failure means: run TransformerLens' own blocks instead
                 return f"checking it against TransformerLens' forward {where}raised {exc!r}"
