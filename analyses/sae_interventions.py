@@ -169,8 +169,9 @@ class SaeInterventionsParams(BaseModel):
     """Every alpha measured (the seed's `alpha_sweep`), for the alpha-response curves."""
 
     batch_size: int = Field(default=16, ge=1)
-    """Passages per forward pass (the fast path packs as many tokens into its intervention passes).
-    Halved automatically on CUDA out-of-memory."""
+    """Passages per clean forward pass (the fast path packs up to two batches' worth of tokens into
+    each intervention pass, four on TransformerLens' blocks). Halved automatically on CUDA
+    out-of-memory."""
 
     method: Literal["fast", "loop"] = "fast"
     """`fast`: the exact fast path; `loop`: one full forward pass per (layer, feature, alpha), as the seed."""
