@@ -147,10 +147,9 @@ class LeanForward:
                 )
         return None
 
-    @staticmethod
-    def key_hook(layer: int, rotary: bool) -> str:
+    def key_hook(self, layer: int) -> str:
         """The hook whose keys the prefix takes: after the rotary embedding, as the lean pass caches them."""
-        return f"blocks.{layer}.attn.hook_{'rot_k' if rotary else 'k'}"
+        return f"blocks.{layer}.attn.hook_{'rot_k' if self.rotary else 'k'}"
 
     @property
     def rotary(self) -> bool:
@@ -252,7 +251,7 @@ class LeanForward:
         final residual stream) on random tokens, lean from position ``offset`` on with the earlier
         keys and values as its prefix. Per position, so that a few massive activations (at the first
         position, or in a few channels) cannot hide an error elsewhere."""
-        from analyses._sae_tensors import PADDING
+        from analyses._sae_tensors import capture
 
         model = self.model
         n_layers = model.cfg.n_layers
@@ -261,25 +260,18 @@ class LeanForward:
         generator = torch.Generator().manual_seed(0)
         tokens = torch.randint(model.cfg.d_vocab, (n_passages, length), generator=generator)
         tokens = tokens.to(next(model.parameters()).device)
-        hooks = {"blocks.0.hook_resid_pre"}
+        hooks = ["blocks.0.hook_resid_pre"]
         for layer in range(n_layers):
-            hooks |= {self.key_hook(layer, self.rotary), f"blocks.{layer}.attn.hook_v"}
-        kept: dict[str, torch.Tensor] = {}
-
-        def keep(act: torch.Tensor, hook: object) -> None:
-            kept[getattr(hook, "name", "")] = act.detach()
-
+            hooks += [self.key_hook(layer), f"blocks.{layer}.attn.hook_v"]
+        kept, reference = capture(model, tokens, hooks, stop_at_layer=n_layers)
+        assert reference is not None
+        prefix = [
+            (kept[self.key_hook(layer)][:, :offset], kept[f"blocks.{layer}.attn.hook_v"][:, :offset])
+            for layer in range(n_layers)
+        ]
         with torch.no_grad():
-            reference = model.run_with_hooks(
-                tokens,
-                stop_at_layer=n_layers,
-                padding_side=PADDING,
-                fwd_hooks=[(name, keep) for name in sorted(hooks)],
-            )[:, offset:]
-            keys = [kept[self.key_hook(layer, self.rotary)] for layer in range(n_layers)]
-            values = [kept[f"blocks.{layer}.attn.hook_v"] for layer in range(n_layers)]
-            prefix = [(k[:, :offset], v[:, :offset]) for k, v in zip(keys, values, strict=True)]
             lean = self.run(kept["blocks.0.hook_resid_pre"][:, offset:], 0, n_layers, prefix)
+        reference = reference[:, offset:]
         error = (lean - reference).float().norm(dim=-1)  # (B, P)
         return float((error / reference.float().norm(dim=-1).clamp(min=1e-6)).max())
 

@@ -732,7 +732,7 @@ def _clean_batch(
         hooks += [_start_input_hook(start, n_layers) for start, _ in entries]
         first_start = min(start for start, _ in entries)
         for layer in range(first_start, n_layers):
-            hooks += [_key_hook(workload, model, layer), f"blocks.{layer}.attn.hook_v"]
+            hooks += [_key_hook(workload, layer), f"blocks.{layer}.attn.hook_v"]
     acts, resid = capture(model, tokens, hooks, stop_at_layer=n_layers)
     assert resid is not None
     clean = CleanReference.of(model, resid, tokens, workload.unembedding)
@@ -751,18 +751,16 @@ def _clean_batch(
     if fast:
         batch.starts = {start: acts[_start_input_hook(start, n_layers)] for start, _ in entries}
         batch.kv = {
-            layer: (acts[_key_hook(workload, model, layer)], acts[f"blocks.{layer}.attn.hook_v"])
+            layer: (acts[_key_hook(workload, layer)], acts[f"blocks.{layer}.attn.hook_v"])
             for layer in range(min(start for start, _ in entries), n_layers)
         }
     return batch
 
 
-def _key_hook(workload: Workload, model: HookedTransformer, layer: int) -> str:
+def _key_hook(workload: Workload, layer: int) -> str:
     """Keys as the fast path's prefix takes them: rotated for the lean forward, as TransformerLens'
     key-value cache holds them (before rotation) otherwise."""
-    if workload.lean is not None:
-        return LeanForward.key_hook(layer, workload.lean.rotary)
-    return f"blocks.{layer}.attn.hook_k"
+    return workload.lean.key_hook(layer) if workload.lean is not None else f"blocks.{layer}.attn.hook_k"
 
 
 def _clean_loss(batch: CleanBatch) -> float:

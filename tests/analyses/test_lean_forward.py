@@ -69,7 +69,7 @@ def reference(model: Any, tokens: torch.Tensor, lean: LeanForward) -> tuple[dict
     """TransformerLens' forward over the whole passages, keeping what the lean pass starts from."""
     names = {f"blocks.{layer}.hook_resid_pre" for layer in range(N_LAYERS)}
     for layer in range(N_LAYERS):
-        names |= {lean.key_hook(layer, lean.rotary), f"blocks.{layer}.attn.hook_v"}
+        names |= {lean.key_hook(layer), f"blocks.{layer}.attn.hook_v"}
     with torch.no_grad():
         final, cache = model.run_with_cache(tokens, stop_at_layer=N_LAYERS, names_filter=lambda n: n in names)
     return {name: cache[name] for name in names}, final
@@ -93,7 +93,7 @@ def test_lean_pass_matches_transformer_lens_from_any_block_and_position(
     tokens = tokens_of(model)
     acts, final = reference(model, tokens, lean)
     prefix = [
-        (acts[lean.key_hook(layer, lean.rotary)][:, :offset], acts[f"blocks.{layer}.attn.hook_v"][:, :offset])
+        (acts[lean.key_hook(layer)][:, :offset], acts[f"blocks.{layer}.attn.hook_v"][:, :offset])
         for layer in range(start, N_LAYERS)
     ]
     with torch.no_grad():
@@ -124,7 +124,7 @@ def test_block_hooks_edit_the_lean_pass_as_they_edit_transformer_lens(model: Any
             acts, expected = reference(model, tokens, lean)  # TL's forward, hooked
             prefix = [
                 (
-                    acts[lean.key_hook(layer, lean.rotary)][:, :offset],
+                    acts[lean.key_hook(layer)][:, :offset],
                     acts[f"blocks.{layer}.attn.hook_v"][:, :offset],
                 )
                 for layer in range(N_LAYERS)
