@@ -17,7 +17,7 @@ import torch
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
-    from runner.saes import LoadedSAE
+    from runner.saes.loading import LoadedSAE
 
 __all__ = [
     "PADDING",

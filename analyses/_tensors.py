@@ -1,5 +1,5 @@
-"""Tensor helpers shared by analyses: hook-name templates, streaming per-dimension accumulators,
-sign-preserving powers, normalizations and small statistics.
+"""Tensor helpers shared by analyses: streaming per-dimension accumulators, sign-preserving powers,
+normalizations and small statistics. (Hook names are :mod:`runner.hooks`'.)
 
 Inputs that are reduced are torch tensors (activations, gradients); everything returned for
 reporting is a NumPy ``float64`` array or plain Python numbers.
@@ -15,32 +15,15 @@ import numpy as np
 import torch
 
 __all__ = [
-    "SITE_HOOKS",
     "DimAccumulator",
     "frozen_parameters",
-    "hook_name",
     "normalize",
     "signed_power",
     "top_by_abs",
     "vector_stats",
 ]
 
-SITE_HOOKS: dict[str, str] = {
-    "mlp_post": "blocks.{layer}.mlp.hook_post",
-    "resid_pre": "blocks.{layer}.hook_resid_pre",
-    "resid_mid": "blocks.{layer}.hook_resid_mid",
-    "resid_post": "blocks.{layer}.hook_resid_post",
-    "mlp_out": "blocks.{layer}.hook_mlp_out",
-    "attn_out": "blocks.{layer}.hook_attn_out",
-}
-"""Short site names → TransformerLens hook-name templates (``{layer}`` is filled in)."""
-
 NormMode = Literal["none", "sum", "sum_abs"]
-
-
-def hook_name(site: str, layer: int) -> str:
-    """``hook_name("mlp_post", 3)`` → ``"blocks.3.mlp.hook_post"``."""
-    return SITE_HOOKS[site].format(layer=layer)
 
 
 class DimAccumulator:

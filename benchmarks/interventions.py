@@ -1,8 +1,8 @@
 """Benchmark: the straightforward intervention loop against the exact fast path, on the embedded model.
 
 Runs ``sae_interventions`` three times in one process on the same workload (SmolLM2-135M, the SAE
-shipped in ``saes/``, Python's documentation): ``method: loop`` (the seed's way: one full forward
-pass per layer, feature and alpha), ``method: fast`` with ``forward: transformer_lens`` (what the
+runner ships, Python's documentation): ``method: loop`` (the seed's way: one full forward pass per
+layer, feature and alpha), ``method: fast`` with ``forward: transformer_lens`` (what the
 fast path skips, on TransformerLens' own blocks) and ``method: fast`` as it ships (the rows on the
 lean block forward). Prints a table with the wall time of each, the speedups, the largest absolute
 difference of every metric from the loop, and each method's time against its FLOP floor: the
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_SAE = ROOT / "saes" / "smollm2-135m" / "blocks.{layer}.hook_resid_post"
+DEFAULT_SAE = ROOT / "runner" / "saes" / "shipped" / "smollm2-135m" / "blocks.{layer}.hook_resid_post"
 DEFAULT_CSV = ROOT / "specs" / "data" / "smollm2_features.csv"
 SCALAR_METRICS = (
     "delta_loss",
@@ -124,11 +124,8 @@ def load_workload(args: argparse.Namespace) -> tuple[Any, Any]:
 def context(model: Any, dataset: Any, seed: int) -> Any:
     from runner.step import StepContext
 
-    resources = {"model": model, "dataset": dataset}
     # --sae paths are absolute or relative to the repository
-    return StepContext(
-        case_id="benchmark", seed=seed, device="cpu", resources=resources.__getitem__, spec_dir=ROOT
-    )
+    return StepContext.standalone(model=model, dataset=dataset, seed=seed, case_id="benchmark", spec_dir=ROOT)
 
 
 def params(args: argparse.Namespace, method: str, features: list[int] | None, forward: str = "lean") -> Any:
@@ -153,12 +150,11 @@ def params(args: argparse.Namespace, method: str, features: list[int] | None, fo
 
 def pick_features(model: Any, dataset: Any, args: argparse.Namespace) -> list[int]:
     """The features the spec's selection picks, chosen once so that both methods time the same work."""
-    from analyses.sae_interventions import _select_features
-    from runner.saes import load_saes
+    from analyses.sae_interventions.compute import _select_features
 
     ctx = context(model, dataset, args.seed)
     chosen = params(args, "fast", None)
-    saes = load_saes(ctx, chosen.sae, layers=chosen.layers, site=chosen.hook, where="benchmark")
+    saes = ctx.saes(chosen.sae, layers=chosen.layers, site=chosen.hook, where="benchmark")
     features, _ = _select_features(ctx, chosen, saes, model.tokenizer.bos_token_id, "benchmark")
     return features[0]
 
@@ -174,8 +170,8 @@ def run(
     seconds = time.perf_counter() - started
     label = method if method == "loop" else f"{method} ({forward})"
     print(f"{label:>24}: {seconds:8.1f} s  (load average {os.getloadavg()[0]:.2f})", file=sys.stderr)
-    if method == "fast" and output.summary["forward"] != forward:  # the lean forward refused the model
-        raise SystemExit(f"the {label} run used {output.summary['forward']} blocks: {ctx.notes}")
+    if method == "fast" and output.result.forward != forward:  # the lean forward refused the model
+        raise SystemExit(f"the {label} run used {output.result.forward} blocks: {ctx.notes}")
     return {
         "seconds": seconds,
         "rows": output.data["per_feature_metrics.jsonl"],

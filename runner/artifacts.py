@@ -1,6 +1,7 @@
 """The run folder and its writers.
 
 ``runs/<spec name>/<timestamp>-<short hash>/`` holds the spec as given, ``manifest.json``,
+``results/<case id>.json`` (+ ``.npz``: each case's typed result, see :mod:`runner.results`),
 ``data/<case id>/`` (CSV, JSONL, JSON, NPZ, NPY, TXT), ``plots/<case id>/`` (PNG) and the reports.
 Every file is written to a temporary name and renamed, so an interrupted run never leaves a
 half-written file behind; the manifest is rewritten after every case.
@@ -11,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
 import os
 import re
 import shutil
@@ -19,36 +19,20 @@ from collections.abc import Callable
 from datetime import datetime
 from functools import partial
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from runner.errors import RunnerError
+from runner.results import to_jsonable
 
-__all__ = ["RunFolder", "create_run_folder", "safe_name", "to_jsonable", "write_atomic"]
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = ["RunFolder", "create_run_folder", "safe_name", "write_atomic"]
 
 
 def safe_name(case_id: str) -> str:
     """A folder name for a case id: characters other than letters, digits and ``_.,=[]+-`` become ``_``."""
     return re.sub(r"[^A-Za-z0-9_.,=\[\]+-]", "_", case_id)
-
-
-def to_jsonable(value: Any) -> Any:
-    """Numpy scalars/arrays, tuples, paths and non-finite floats → plain JSON values."""
-    if isinstance(value, dict):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple | set):
-        return [to_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return to_jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        return to_jsonable(value.item())
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, Path):
-        return str(value)
-    return value
 
 
 def write_atomic(path: Path, write: Callable[[io.BufferedWriter], object]) -> None:
@@ -66,6 +50,8 @@ def _write_json(path: Path, value: Any) -> None:
 
 
 def _frame(value: Any) -> pd.DataFrame:
+    import pandas as pd
+
     return value if isinstance(value, pd.DataFrame) else pd.DataFrame(list(value))
 
 
@@ -74,12 +60,14 @@ def _write_csv(path: Path, value: Any) -> None:
 
 
 def _write_jsonl(path: Path, value: Any) -> None:
-    rows = _frame(value).to_dict(orient="records") if isinstance(value, pd.DataFrame) else list(value)
+    rows = _frame(value).to_dict(orient="records") if hasattr(value, "to_dict") else list(value)
     lines = "".join(json.dumps(to_jsonable(r), allow_nan=False) + "\n" for r in rows)
     write_atomic(path, lambda f: f.write(lines.encode()))
 
 
 def _write_npz(path: Path, value: Any) -> None:
+    import numpy as np
+
     arrays = {k: np.asarray(v) for k, v in value.items()}
     bad = [k for k, a in arrays.items() if a.dtype == object]
     if bad:
@@ -91,6 +79,8 @@ def _write_npz(path: Path, value: Any) -> None:
 
 
 def _write_npy(path: Path, value: Any) -> None:
+    import numpy as np
+
     array = np.asarray(value)
     if array.dtype == object:
         raise RunnerError(f"{path.name}: an object array cannot be saved without pickling")
@@ -125,6 +115,16 @@ class RunFolder:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+
+    def write_result(self, case_id: str, json_bytes: bytes, npz_bytes: bytes | None) -> list[str]:
+        """Write a case's typed result (``results/<case id>.json`` and, with arrays, ``.npz``)."""
+        stem = self.root / "results" / safe_name(case_id)
+        files = [(stem.with_name(f"{stem.name}.json"), json_bytes)]
+        if npz_bytes is not None:
+            files.append((stem.with_name(f"{stem.name}.npz"), npz_bytes))
+        for path, content in files:
+            write_atomic(path, lambda f, content=content: f.write(content))  # type: ignore[misc]
+        return [path.relative_to(self.root).as_posix() for path, _ in files]
 
     def write_data(self, case_id: str, data: dict[str, Any]) -> list[str]:
         """Write a case's data files; returns their paths relative to the run folder."""

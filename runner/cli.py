@@ -8,22 +8,19 @@ and exit 2, like pytest's usage errors. Run exit codes follow pytest: 0 all pass
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
-from rich.tree import Tree
-
-from runner.errors import RunnerError, SpecError
-from runner.registry import ANALYSES, load_analyses
+if TYPE_CHECKING:
+    from rich.console import Console
 
 __all__ = ["main"]
+
+# Nothing but the standard library is imported above this line: `runner --help` answers before
+# pydantic, rich or any analysis is imported. Each command imports what it uses.
 
 NO_CASES_EXIT_CODE = 5
 
@@ -67,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``runner`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
+    from rich.console import Console
+    from rich.markup import escape
+
+    from runner.errors import RunnerError
+    from runner.registry import load_analyses
+
     # soft_wrap: never break a `file:line:col: field: message` line, so it stays clickable and greppable
     out, err = Console(highlight=False, soft_wrap=True), Console(stderr=True, highlight=False, soft_wrap=True)
     try:
@@ -83,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _validate(args: argparse.Namespace, out: Console) -> int:
+    from rich.markup import escape
+
+    from runner.errors import RunnerError, SpecError
     from runner.loader import find_spec_files
 
     paths = find_spec_files(args.paths or [Path("specs")])
@@ -118,7 +124,10 @@ def _plan(args: argparse.Namespace, out: Console) -> int:
 
 def print_plan(plan: Any, out: Console) -> None:
     """The plan as a tree, like ``pytest --collect-only``."""
-    from runner.models import describe_model
+    from rich.markup import escape
+    from rich.tree import Tree
+
+    from runner.models.naming import describe_model
 
     spec = plan.spec
     source = describe_model(spec.model.name)
@@ -156,6 +165,8 @@ def _run(args: argparse.Namespace, out: Console) -> int:
 
 
 def _schema(args: argparse.Namespace, out: Console) -> int:
+    import json
+
     from runner.schema import spec_json_schema
 
     print(json.dumps(spec_json_schema(), indent=2))
@@ -163,6 +174,10 @@ def _schema(args: argparse.Namespace, out: Console) -> int:
 
 
 def _list(args: argparse.Namespace, out: Console) -> int:
+    from rich.table import Table
+
+    from runner.registry import ANALYSES
+
     table = Table("analysis", "what it does", box=None)
     for name in ANALYSES.names():
         table.add_row(name, ANALYSES.get(name).summary)
@@ -171,6 +186,10 @@ def _list(args: argparse.Namespace, out: Console) -> int:
 
 
 def _show(args: argparse.Namespace, out: Console) -> int:
+    from rich.markup import escape
+
+    from runner.registry import ANALYSES
+
     item = ANALYSES.get(args.name)
     out.print(f"[bold]{item.name}[/bold] — {escape(item.summary)}\n")
     for field_name, info in item.params_model.model_fields.items():

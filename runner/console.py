@@ -17,21 +17,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from runner.executor import CaseResult, RunResult
 from runner.planner import Case, Plan
 
-__all__ = ["ConsoleReporter", "summary_line"]
+__all__ = ["ConsoleReporter"]
 
 STYLES = {"passed": "green", "failed": "red", "error": "red", "not run": "yellow"}
 LABELS = {"passed": "PASSED", "failed": "FAILED", "error": "ERROR", "not run": "NOT RUN"}
-
-
-def summary_line(run: RunResult, deselected: int) -> str:
-    """``3 passed, 1 failed, 2 deselected in 42.1s`` (pytest's wording and order)."""
-    counts = {s: run.count(s) for s in ("failed", "passed", "error", "not run")}
-    parts = [f"{n} {s}s" if s == "error" and n > 1 else f"{n} {s}" for s, n in counts.items() if n]
-    if deselected:
-        parts.append(f"{deselected} deselected")
-    if not parts:
-        parts = ["no cases ran"]
-    return f"{', '.join(parts)} in {run.duration:.1f}s"
 
 
 class ConsoleReporter:
@@ -122,8 +111,10 @@ class ConsoleReporter:
                 mark = "[green]✓[/green]" if check.passed else "[red]✗[/red]"
                 self.console.print(f"  {mark} {escape(check.name)}")
 
-    def finish(self, run: RunResult, plan: Plan, run_dir: str, fulltrace: bool = False) -> None:
-        """Failures and errors in detail, the run folder, and the summary line."""
+    def finish(
+        self, run: RunResult, plan: Plan, run_dir: str, reports: list[str], fulltrace: bool = False
+    ) -> None:
+        """Failures and errors in detail, the reports written (or the run folder), and the summary line."""
         self._details(run, fulltrace)
         if run.interrupted:
             self.console.print(
@@ -132,12 +123,13 @@ class ConsoleReporter:
         if run.aborted:
             self.console.print(f"[red]Run aborted:[/red] {escape(run.aborted)}")
         if self.verbosity >= 0:
-            self.console.print(f"report: {escape(run_dir)}/report.md")
+            for report in reports:
+                self.console.print(f"report: {escape(report)}")
+            if not reports:
+                self.console.print(f"no report; data and manifest.json are in {escape(run_dir)}")
         bad = run.count("failed") or run.count("error") or run.interrupted or run.aborted
         style = "red" if bad else "green" if run.results else "yellow"
-        self.console.rule(
-            f"[{style}]{escape(summary_line(run, len(plan.deselected)))}[/{style}]", style=style
-        )
+        self.console.rule(f"[{style}]{escape(run.summary_line(len(plan.deselected)))}[/{style}]", style=style)
 
     def _details(self, run: RunResult, fulltrace: bool) -> None:
         failed = [

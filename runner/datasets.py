@@ -148,7 +148,7 @@ def _hub_text(name: str, split: str, text_field: str) -> str:
 
 
 def _require_hub(name: str) -> None:
-    from runner.models import hub_reachable
+    from runner.models.hub import hub_reachable
 
     if _hub_cached(name) or hub_reachable():
         return

@@ -14,14 +14,12 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-import numpy as np
-import torch
-
-from runner.artifacts import RunFolder, to_jsonable
+from runner.artifacts import RunFolder
 from runner.errors import ResourceError, RunnerError
 from runner.planner import Case, Plan
-from runner.registry import ANALYSES
+from runner.registry import ANALYSES, Analysis
 from runner.resources import Resources
+from runner.results import result_bytes, result_from_files, to_jsonable
 from runner.step import FinishedCase, StepContext, StepOutput
 
 __all__ = ["CaseResult", "CheckResult", "RunResult", "run_plan"]
@@ -50,6 +48,7 @@ class CaseResult:
     checks: list[CheckResult] = field(default_factory=list)
     data_files: list[str] = field(default_factory=list)
     plot_files: list[str] = field(default_factory=list)
+    result_files: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     error: str | None = None
     traceback: str | None = None
@@ -62,6 +61,7 @@ class CaseResult:
                 "duration_s": round(self.duration, 3),
                 "summary": self.summary,
                 "checks": [vars(c) for c in self.checks],
+                "result_files": self.result_files,
                 "data_files": self.data_files,
                 "plot_files": self.plot_files,
                 "notes": self.notes,
@@ -102,6 +102,16 @@ class RunResult:
             return "interrupted"
         return "passed" if self.exit_code == 0 else "failed"
 
+    def summary_line(self, deselected: int = 0) -> str:
+        """``3 passed, 1 failed, 2 deselected in 42.1s`` (pytest's wording and order)."""
+        counts = {s: self.count(s) for s in ("failed", "passed", "error", "not run")}
+        parts = [f"{n} {s}s" if s == "error" and n > 1 else f"{n} {s}" for s, n in counts.items() if n]
+        if deselected:
+            parts.append(f"{deselected} deselected")
+        if not parts:
+            parts = ["no cases ran"]
+        return f"{', '.join(parts)} in {self.duration:.1f}s"
+
 
 class Reporter(Protocol):
     """What the executor tells the console (see :mod:`runner.console`)."""
@@ -113,6 +123,9 @@ class Reporter(Protocol):
 
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (all devices)."""
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -130,7 +143,7 @@ def run_plan(
     """Run every case of ``plan`` in order; ``on_case_done(run_result)`` is called after each."""
     started = time.perf_counter()
     run = RunResult([CaseResult(case) for case in plan.cases], 0.0)
-    finished: dict[str, list[FinishedCase]] = {}
+    finished: dict[str, list[FinishedCase[Any]]] = {}
     run_cache: dict[Any, Any] = {}
     try:
         for result in run.results:
@@ -158,25 +171,25 @@ def _run_case(
     folder: RunFolder,
     resources: Resources,
     reporter: Reporter,
-    finished: dict[str, list[FinishedCase]],
+    finished: dict[str, list[FinishedCase[Any]]],
     run_cache: dict[Any, Any],
 ) -> None:
     case = result.case
     reporter.case_started(case)
-    ctx = _context(case, resources, reporter, finished, run_cache)
+    spec = ANALYSES.get(case.analysis)
+    ctx = _context(case, spec, resources, reporter, finished, run_cache)
     # Load what the analysis needs before the case starts: a resource that cannot be loaded aborts
     # the run (no case could use it), and loading time is not counted as the case's time.
-    for kind in sorted(ANALYSES.get(case.analysis).needs):
+    for kind in sorted(spec.needs & {"model", "dataset"}):
         ctx.resource(kind)
     seed_everything(case.seed)
     start = time.perf_counter()
     try:
-        output = ANALYSES.get(case.analysis).func(ctx, case.params)
-        if not isinstance(output, StepOutput):
-            raise RunnerError(f"analysis {case.analysis!r} returned {type(output).__name__}, not StepOutput")
-        _record(result, output, folder)
+        output = spec.func(ctx, case.params)
+        _check_output(spec, output)
+        reloaded = _record(result, output, folder)
         finished.setdefault(case.step.id, []).append(
-            FinishedCase(case.id, case.step.id, case.params, case.model.name, output)
+            FinishedCase(case.id, case.step.id, case.analysis, case.params, case.model.name, reloaded)
         )
         _check(result)
     except Exception as exc:
@@ -189,14 +202,22 @@ def _run_case(
 
 def _context(
     case: Case,
+    spec: Analysis,
     resources: Resources,
     reporter: Reporter,
-    finished: dict[str, list[FinishedCase]],
+    finished: dict[str, list[FinishedCase[Any]]],
     run_cache: dict[Any, Any],
 ) -> StepContext:
     def resource(kind: str) -> Any:
+        if kind not in spec.needs:
+            raise RunnerError(
+                f"Analysis {spec.name!r} uses the {kind!r} resource without declaring it: add "
+                f"{kind!r} to `needs=` in its @analysis decorator (it declares {sorted(spec.needs)})."
+            )
         if kind == "model":
             return resources.model(case.model)
+        if kind == "saes":
+            return resources.load_saes
         dataset = resources.dataset(case.dataset, case.model)
         if "note" in dataset.info and dataset.info["note"] not in ctx.notes:
             ctx.note(dataset.info["note"])
@@ -215,12 +236,29 @@ def _context(
     return ctx
 
 
-def _record(result: CaseResult, output: StepOutput, folder: RunFolder) -> None:
-    result.summary = to_jsonable(output.summary)
+def _check_output(spec: Analysis, output: Any) -> None:
+    if not isinstance(output, StepOutput):
+        raise RunnerError(f"analysis {spec.name!r} returned {type(output).__name__}, not StepOutput")
+    if not isinstance(output.result, spec.result_model):
+        raise RunnerError(
+            f"analysis {spec.name!r} returned a {type(output.result).__name__} result; "
+            f"it declares result={spec.result_model.__name__}"
+        )
+
+
+def _record(result: CaseResult, output: StepOutput, folder: RunFolder) -> Any:
+    """Write the case's result, files and plots; return the result as reloaded from its files.
+
+    Later steps get the reloaded result, so that they see exactly what a stored result gives.
+    """
+    json_bytes, npz_bytes = result_bytes(output.result)
+    result.result_files = folder.write_result(result.case.id, json_bytes, npz_bytes)
+    result.summary = output.result.summary()
     result.notes.extend(output.notes)
     result.data_files = folder.write_data(result.case.id, output.data)
     result.plot_files = folder.write_plots(result.case.id, output.plots)
-    output.plots.clear()  # written; later steps read data and summaries, not figures
+    output.plots.clear()  # written; figures hold memory, and no later step reads them
+    return result_from_files(type(output.result), json_bytes, npz_bytes)
 
 
 def _check(result: CaseResult) -> None:

@@ -26,14 +26,27 @@ import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from runner.errors import ExpressionError
 from runner.registry import did_you_mean
 
 __all__ = ["FUNCTIONS", "Expression", "Function", "Outcome", "parse_expression"]
+
+
+class _Numpy:
+    """numpy, imported on first use: validating a spec parses expressions but evaluates none."""
+
+    def __getattr__(self, name: str) -> Any:
+        import numpy
+
+        return getattr(numpy, name)
+
+
+if TYPE_CHECKING:
+    import numpy as np
+else:
+    np = _Numpy()
 
 MAX_LENGTH = 1000
 """Longest expression accepted, in characters; an expectation is one line, not a program."""
@@ -89,7 +102,7 @@ def _abs(value: Any) -> Any:
     return np.abs(np.asarray(value)) if _is_collection(value) else abs(value)
 
 
-def _extreme(name: str, builtin: Callable[..., Any], reduce: Callable[[Any], Any]) -> Callable[..., Any]:
+def _extreme(name: str, builtin: Callable[..., Any]) -> Callable[..., Any]:
     def extreme(*args: Any) -> Any:
         if len(args) > 1:
             return builtin(args)
@@ -97,7 +110,7 @@ def _extreme(name: str, builtin: Callable[..., Any], reduce: Callable[[Any], Any
         if isinstance(values, np.ndarray):
             if values.size == 0:
                 raise _EvaluationError(f"{name}() of an empty array")
-            return _to_python(reduce(values))
+            return _to_python(getattr(np, name)(values))
         if isinstance(values, Mapping):
             raise _EvaluationError(f"{name}() of a dict: pass a list or an array of numbers")
         if isinstance(values, list | tuple) and not values:
@@ -111,16 +124,20 @@ def _sum(values: Any) -> Any:
     return _to_python(np.sum(values)) if isinstance(values, np.ndarray) else sum(values)
 
 
-def _statistic(name: str, reduce: Callable[[np.ndarray], Any]) -> Callable[[Any], float]:
+def _statistic(name: str) -> Callable[[Any], float]:
+    """numpy's ``name`` (mean, median, std) of a list of numbers."""
+
     def statistic(values: Any) -> float:
-        return float(reduce(_as_float_array(values, name)))
+        return float(getattr(np, name)(_as_float_array(values, name)))
 
     return statistic
 
 
-def _arg_extreme(name: str, reduce: Callable[[np.ndarray], Any]) -> Callable[[Any], int]:
+def _arg_extreme(name: str) -> Callable[[Any], int]:
+    """numpy's ``name`` (argmax, argmin) of a list of numbers."""
+
     def arg_extreme(values: Any) -> int:
-        return int(reduce(_as_float_array(values, name)))
+        return int(getattr(np, name)(_as_float_array(values, name)))
 
     return arg_extreme
 
@@ -167,8 +184,8 @@ FUNCTIONS: dict[str, Function] = {
     "abs": Function(_abs, "abs(x): absolute value, elementwise on a list or array"),
     "all": Function(_all, "all(xs): every element is true (use on an array comparison: all(x > 0))"),
     "any": Function(_any, "any(xs): some element is true"),
-    "argmax": Function(_arg_extreme("argmax", np.argmax), "argmax(xs): index of the largest element"),
-    "argmin": Function(_arg_extreme("argmin", np.argmin), "argmin(xs): index of the smallest element"),
+    "argmax": Function(_arg_extreme("argmax"), "argmax(xs): index of the largest element"),
+    "argmin": Function(_arg_extreme("argmin"), "argmin(xs): index of the smallest element"),
     "count": Function(
         _count, "count(xs) or count(xs, v): number of true elements, or of elements == v", 1, 2
     ),
@@ -176,13 +193,13 @@ FUNCTIONS: dict[str, Function] = {
         _isclose, "isclose(a, b, rel=1e-9, abs=0.0): like math.isclose", 2, 2, frozenset({"rel", "abs"})
     ),
     "len": Function(len, "len(xs): number of elements"),
-    "max": Function(_extreme("max", max, np.max), "max(xs) or max(a, b, ...): largest value", 1, None),
-    "mean": Function(_statistic("mean", np.mean), "mean(xs): arithmetic mean"),
-    "median": Function(_statistic("median", np.median), "median(xs): median"),
-    "min": Function(_extreme("min", min, np.min), "min(xs) or min(a, b, ...): smallest value", 1, None),
+    "max": Function(_extreme("max", max), "max(xs) or max(a, b, ...): largest value", 1, None),
+    "mean": Function(_statistic("mean"), "mean(xs): arithmetic mean"),
+    "median": Function(_statistic("median"), "median(xs): median"),
+    "min": Function(_extreme("min", min), "min(xs) or min(a, b, ...): smallest value", 1, None),
     "round": Function(_round, "round(x) or round(x, ndigits): rounded value", 1, 2),
     "sorted": Function(_sorted, "sorted(xs, reverse=False): a sorted list", 1, 1, frozenset({"reverse"})),
-    "std": Function(_statistic("std", np.std), "std(xs): population standard deviation (ddof=0)"),
+    "std": Function(_statistic("std"), "std(xs): population standard deviation (ddof=0)"),
     "sum": Function(_sum, "sum(xs): sum of the elements"),
 }
 """The only functions an expression may call, by name."""

@@ -2,6 +2,11 @@
 
 A :class:`Registry` refuses duplicate names (naming both definitions) and answers an unknown name
 with close matches and the full list, the way ``lm-evaluation-harness`` does.
+
+Registration is cheap by design: each analysis is a package under ``analyses/`` whose
+``__init__`` holds only its params model, its result model and the registered function, which
+imports the heavy computing module (torch, TransformerLens, ...) when a case runs. So
+``runner validate`` and ``runner plan`` import every analysis without importing torch.
 """
 
 from __future__ import annotations
@@ -17,21 +22,32 @@ from typing import Any, Generic, TypeVar
 from pydantic import BaseModel
 
 from runner.errors import RunnerError
+from runner.results import StepResult
 
-__all__ = ["ANALYSES", "Analysis", "Registry", "analysis", "close_matches", "load_analyses"]
+__all__ = [
+    "ANALYSES",
+    "RESOURCES",
+    "Analysis",
+    "Registry",
+    "analysis",
+    "close_matches",
+    "did_you_mean",
+    "load_analyses",
+]
 
 T = TypeVar("T")
 
 
-def close_matches(name: str, candidates: list[str], n: int = 3) -> list[str]:
-    """Names in ``candidates`` that look like a misspelling of ``name``."""
+def close_matches(name: str, candidates: list[str], n: int = 3, cutoff: float = 0.6) -> list[str]:
+    """Names in ``candidates`` that look like a misspelling of ``name`` (case-insensitive, best first)."""
     by_lower = {c.lower(): c for c in candidates}
-    return [by_lower[m] for m in difflib.get_close_matches(name.lower(), list(by_lower), n=n, cutoff=0.6)]
+    found = difflib.get_close_matches(name.lower(), list(by_lower), n=n, cutoff=cutoff)
+    return [by_lower[m] for m in found]
 
 
-def did_you_mean(name: str, candidates: list[str]) -> str:
-    """``" Did you mean 'x'?"`` or an empty string."""
-    matches = close_matches(name, candidates)
+def did_you_mean(name: str, candidates: list[str], n: int = 3, cutoff: float = 0.6) -> str:
+    """``" Did you mean 'x'?"`` or an empty string: the one way every message suggests names."""
+    matches = close_matches(name, candidates, n=n, cutoff=cutoff)
     return f" Did you mean {' or '.join(repr(m) for m in matches)}?" if matches else ""
 
 
@@ -81,13 +97,16 @@ class Registry(Generic[T]):
 
 @dataclass(frozen=True)
 class Analysis:
-    """A registered analysis: a params model and the function that computes it."""
+    """A registered analysis: its params and result models and the function that computes it."""
 
     name: str
     func: Callable[..., Any]
     params_model: type[BaseModel]
+    result_model: type[StepResult]
     doc: str
     needs: frozenset[str]
+    version: int = 1
+    """Bumped by the analysis when the same params would now give other numbers (cache keys use it)."""
 
     @property
     def summary(self) -> str:
@@ -97,30 +116,46 @@ class Analysis:
 
 ANALYSES: Registry[Analysis] = Registry("analysis")
 
-RESOURCES = frozenset({"model", "dataset"})
+RESOURCES = frozenset({"model", "dataset", "saes"})
+"""Run-scoped resources an analysis may declare in ``needs``; ``saes`` also needs a ``sae`` param."""
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def analysis(
-    name: str, *, params: type[BaseModel], needs: tuple[str, ...] = ("model", "dataset")
-) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    name: str,
+    *,
+    params: type[BaseModel],
+    result: type[StepResult],
+    needs: tuple[str, ...] = ("model", "dataset"),
+    version: int = 1,
+) -> Callable[[F], F]:
     """Register ``func(ctx, params) -> StepOutput`` as the analysis ``name``.
 
-    Checked at decoration time so that a malformed analysis fails when it is imported, naming the
-    definition: the function takes ``(ctx, params)``, has a docstring, and ``params`` is a frozen
-    Pydantic model that forbids extra keys.
+    ``result`` is the type of ``StepOutput.result``; ``needs`` the run-scoped resources it uses
+    (a step that needs no model runs once, not once per swept model). Checked at decoration time
+    so that a malformed analysis fails when it is imported, naming the definition: the function
+    takes ``(ctx, params)`` and has a docstring, ``params`` is a frozen Pydantic model that
+    forbids extra keys, and ``result`` is a :class:`StepResult`.
     """
 
-    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+    def decorate(func: F) -> F:
         origin = f"{func.__module__}.{func.__qualname__}"
-        _check_definition(name, func, params, needs, origin)
-        ANALYSES.add(name, Analysis(name, func, params, inspect.getdoc(func) or "", frozenset(needs)), origin)
+        _check_definition(name, func, params, result, needs, origin)
+        doc = inspect.getdoc(func) or ""
+        ANALYSES.add(name, Analysis(name, func, params, result, doc, frozenset(needs), version), origin)
         return func
 
     return decorate
 
 
 def _check_definition(
-    name: str, func: Callable[..., Any], params: type[BaseModel], needs: tuple[str, ...], origin: str
+    name: str,
+    func: Callable[..., Any],
+    params: type[BaseModel],
+    result: type[StepResult],
+    needs: tuple[str, ...],
+    origin: str,
 ) -> None:
     problems = []
     if list(inspect.signature(func).parameters) != ["ctx", "params"]:
@@ -131,15 +166,23 @@ def _check_definition(
         problems.append("params= must be a pydantic BaseModel subclass")
     elif params.model_config.get("extra") != "forbid" or not params.model_config.get("frozen"):
         problems.append(f"{params.__name__} must set model_config = ConfigDict(extra='forbid', frozen=True)")
+    if not (isinstance(result, type) and issubclass(result, StepResult)):
+        problems.append("result= must be a runner.results.StepResult subclass")
     unknown = set(needs) - RESOURCES
     if unknown:
         problems.append(f"needs= has unknown resources {sorted(unknown)}; known: {sorted(RESOURCES)}")
+    elif "saes" in needs and "sae" not in getattr(params, "model_fields", {}):
+        problems.append("needs 'saes' but its params have no `sae` field (an SAESource)")
     if problems:
         raise RunnerError(f"Analysis {name!r} defined at {origin} is malformed: " + "; ".join(problems))
 
 
 def load_analyses(package: str = "analyses") -> Registry[Analysis]:
-    """Import every module of ``package`` so that their ``@analysis`` decorators run."""
+    """Import every analysis of ``package`` (its public modules and subpackages) to register them.
+
+    Only the light declarations are imported; each analysis imports its computing code when a
+    case runs.
+    """
     pkg = importlib.import_module(package)
     for info in pkgutil.iter_modules(pkg.__path__, prefix=f"{package}."):
         if not info.name.rsplit(".", 1)[-1].startswith("_"):

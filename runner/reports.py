@@ -1,13 +1,15 @@
-"""``report.md`` and ``report.html`` rendered from the Jinja templates in ``templates/``.
+"""``report.md`` and ``report.html`` rendered from the Jinja templates of the ``templates`` package.
 
 The report templates include one partial per analysis (``templates/analyses/<name>.md.j2`` and
 ``.html.j2``; ``_default`` otherwise). Numbers are formatted in templates with the ``fmt`` filter.
-The HTML embeds its plots as data URIs so the single file opens from disk anywhere.
+The HTML embeds its plots as data URIs so the single file opens from disk anywhere. The templates
+ship as package data, so an installed runner renders reports from any folder.
 """
 
 from __future__ import annotations
 
 import base64
+import importlib.resources
 import math
 from dataclasses import dataclass
 from functools import cached_property
@@ -17,13 +19,15 @@ from typing import Any
 import jinja2
 
 from runner.artifacts import RunFolder
-from runner.console import summary_line
 from runner.executor import CaseResult, RunResult
 from runner.planner import Plan
 
-__all__ = ["TEMPLATES_DIR", "fmt", "render_reports"]
+__all__ = ["environment", "fmt", "render_reports", "templates_dir"]
 
-TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+
+def templates_dir() -> Path:
+    """The folder of the installed ``templates`` package (the repository's ``templates/``)."""
+    return Path(str(importlib.resources.files("templates")))
 
 
 def fmt(value: Any, digits: int = 4) -> str:
@@ -103,10 +107,10 @@ class CaseView:
         return next((p for p in self.plots if p.name == name), None)
 
 
-def environment(templates: Path = TEMPLATES_DIR) -> jinja2.Environment:
+def environment(templates: Path | None = None) -> jinja2.Environment:
     """The Jinja environment used for reports (strict about undefined variables)."""
     env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(templates),
+        loader=jinja2.FileSystemLoader(templates or templates_dir()),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         trim_blocks=True,
@@ -134,7 +138,7 @@ def render_reports(
         "manifest": manifest,
         "spec_text": spec_text,
         "cases": [CaseView.of(r, folder.root) for r in run.results],
-        "summary_line": summary_line(run, len(plan.deselected)),
+        "summary_line": run.summary_line(len(plan.deselected)),
         "run": run,
     }
     paths = [folder.write_text("report.md", env.get_template("report.md.j2").render(context, html=False))]

@@ -1,7 +1,8 @@
-"""Run-scoped resources: models and datasets loaded once and shared by every case that needs them.
+"""Run-scoped resources: models, datasets and SAEs loaded once and shared by every case that needs them.
 
 Like pytest fixtures with a session scope, keyed by the settings that define them. Only one model
-is kept in memory at a time: a spec that sweeps models runs each model's cases together.
+is kept in memory at a time: a spec that sweeps models runs each model's cases together. An
+analysis declares the kinds it uses in ``needs`` (see :data:`runner.registry.RESOURCES`).
 """
 
 from __future__ import annotations
@@ -9,11 +10,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runner.datasets import TokenDataset, fingerprint_tokens, load_text, tokenize_passages
-from runner.models import LoadedModel, load_model, resolve_device
+from runner.models.loaded import LoadedModel, resolve_device
+from runner.models.loaders import load_model
 from runner.spec import DatasetSpec, ModelSpec
+
+if TYPE_CHECKING:
+    from runner.saes import SAESource
+    from runner.saes.loading import LoadedSAE
+    from runner.step import StepContext
 
 __all__ = ["Resources"]
 
@@ -34,7 +41,7 @@ class Resources:
         self._model_key: tuple[str, str, str] | None = None
         self._model: LoadedModel | None = None
         self._datasets: dict[tuple[Any, ...], TokenDataset] = {}
-        self.loaded: dict[str, dict[str, Any]] = {"models": {}, "datasets": {}}
+        self.loaded: dict[str, dict[str, Any]] = {"models": {}, "datasets": {}, "saes": {}}
 
     def device(self, spec: ModelSpec) -> str:
         """The concrete device for ``spec`` (``--device`` wins over the spec)."""
@@ -85,3 +92,20 @@ class Resources:
             label = f"{spec.name} ({model_spec.name} tokenizer, {spec.max_passages}x{spec.max_len})"
             self.loaded["datasets"][label] = {"fingerprint": dataset.fingerprint, **info}
         return self._datasets[key]
+
+    def load_saes(
+        self,
+        ctx: StepContext,
+        source: SAESource,
+        *,
+        layers: tuple[int, ...] | None,
+        site: str | None,
+        where: str,
+    ) -> list[LoadedSAE]:
+        """The SAEs a case asks for (each loaded once per run); records where each came from."""
+        from runner.saes.loading import load_saes
+
+        saes = load_saes(ctx, source, layers=layers, site=site, where=where)
+        for sae in saes:
+            self.loaded["saes"].setdefault(sae.source, sae.info)
+        return saes

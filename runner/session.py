@@ -63,8 +63,8 @@ def run_session(plan: Plan, args: argparse.Namespace, out: Console) -> int:
             on_case_done=lambda partial: write_manifest(partial, finished=False),
         )
     manifest = write_manifest(run, finished=True)
-    _write_reports(folder, plan, run, manifest, spec_text, reporter)
-    reporter.finish(run, plan, str(folder.root), fulltrace=args.fulltrace)
+    reports = _write_reports(folder, plan, run, manifest, spec_text, reporter)
+    reporter.finish(run, plan, str(folder.root), [str(p) for p in reports], fulltrace=args.fulltrace)
     return run.exit_code
 
 
@@ -75,11 +75,13 @@ def _write_reports(
     manifest: dict[str, Any],
     spec_text: str,
     reporter: ConsoleReporter,
-) -> None:
+) -> list[Path]:
+    """The reports written; none when rendering failed (the error is printed, the data kept)."""
     try:
-        render_reports(folder, plan, run, manifest, spec_text=spec_text, html=plan.spec.output.html)
+        return render_reports(folder, plan, run, manifest, spec_text=spec_text, html=plan.spec.output.html)
     except Exception as exc:  # the data is on disk; a template bug must not hide the run's outcome
         reporter.console.print(f"[red]Could not render the report:[/red] {type(exc).__name__}: {exc}")
+        return []
 
 
 @contextmanager

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from runner.artifacts import RunFolder, to_jsonable
+from runner.artifacts import RunFolder
 from runner.reports import CaseView, PlotView, environment
 from runner.step import StepOutput
 
@@ -232,7 +232,7 @@ def render_partial(tmp_path: Path) -> Callable[..., str]:
             duration=0.0,
             params={},
             sweep_values={},
-            summary=to_jsonable(output.summary),
+            summary=output.summary,
             notes=list(output.notes),
             checks=[],
             error=None,

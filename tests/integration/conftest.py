@@ -6,11 +6,13 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from matplotlib.figure import Figure
 from pydantic import BaseModel, ConfigDict
 
 from runner.registry import ANALYSES, analysis
+from runner.results import Array, StepResult
 from runner.step import StepOutput
 
 
@@ -31,6 +33,16 @@ class ToyParams(BaseModel):
     """Seconds to wait."""
 
 
+class ToyResult(StepResult):
+    """What the toy analysis returns."""
+
+    value: float
+    squares: list[float]
+    layers: dict[int, dict[str, float]]
+    array: Array
+    """The squares again, as an array (stored in the result's NPZ)."""
+
+
 def toy(ctx, params):
     """Echo a value, write a CSV, an NPZ and a plot (test-only analysis)."""
     if params.interrupt:
@@ -43,7 +55,12 @@ def toy(ctx, params):
     figure.add_subplot().plot(squares)
     ctx.note(f"toy ran with n={params.n}")
     return StepOutput(
-        summary={"value": params.value, "squares": squares, "layers": {0: {"max": max(squares)}}},
+        result=ToyResult(
+            value=params.value,
+            squares=squares,
+            layers={0: {"max": max(squares)}},
+            array=np.asarray(squares),
+        ),
         data={
             "rows.csv": [{"i": i, "square": s} for i, s in enumerate(squares)],
             "rows.jsonl": [{"i": i} for i in range(params.n)],
@@ -62,17 +79,30 @@ class ToyTotalParams(BaseModel):
     """The step whose `value`s are summed."""
 
 
+class ToyTotalResult(StepResult):
+    """What the toy total returns."""
+
+    total: float
+    cases: list[str]
+    array_sum: float
+    """The sum of the upstream results' arrays, as reloaded from their NPZ files."""
+
+
 def toy_total(ctx, params):
     """Sum the `value` of every finished case of an earlier step (test-only analysis)."""
-    cases = ctx.outputs(params.source)
+    cases = ctx.outputs(params.source, ToyResult)
     return StepOutput(
-        summary={"total": sum(c.output.summary["value"] for c in cases), "cases": [c.id for c in cases]}
+        result=ToyTotalResult(
+            total=sum(c.result.value for c in cases),
+            cases=[c.id for c in cases],
+            array_sum=float(sum(c.result.array.sum() for c in cases)),
+        )
     )
 
 
 if "toy" not in ANALYSES:
-    analysis("toy", params=ToyParams, needs=())(toy)
-    analysis("toy_total", params=ToyTotalParams, needs=())(toy_total)
+    analysis("toy", params=ToyParams, result=ToyResult, needs=())(toy)
+    analysis("toy_total", params=ToyTotalParams, result=ToyTotalResult, needs=())(toy_total)
 
 
 @pytest.fixture

@@ -1,176 +1,46 @@
-"""Sparse autoencoders as run-scoped resources: where an SAE comes from, which hook it reads.
+"""Loading SAEs for a case: one :class:`LoadedSAE` per requested layer, each loaded once per run.
 
-An analysis declares ``sae: SAESource`` among its params; a spec then writes one of
+:func:`load_saes` resolves a request (layers and a hook site) against an :class:`SAESource`. The
+hook always comes from the SAE's own metadata (``cfg.metadata.hook_name``). A request for another
+hook is an error, except for the one identity TransformerLens guarantees:
+``blocks.{L}.hook_resid_post`` is the same tensor as ``blocks.{L+1}.hook_resid_pre``. So "resid_post
+of layer 5" is served by an SAE trained on ``blocks.6.hook_resid_pre`` (``gpt2-small-res-jb`` has
+only resid_pre SAEs, plus resid_post of layer 11), and the case says so in a note.
 
-- ``sae: {release: gpt2-small-res-jb}``: a SAELens pretrained release, downloaded from the Hugging
-  Face hub (fails within seconds when the hub is unreachable and the SAE is not cached). ``id``
-  picks the SAE inside the release and may be a per-layer template, e.g.
-  ``id: "blocks.{layer}.hook_resid_pre"``; without it the SAE named after the hook is used.
-- ``sae: {path: ../saes/smollm2-135m/blocks.{layer}.hook_resid_post}``: a local SAELens directory
-  (``cfg.json`` + ``sae_weights.safetensors``), relative to the spec file.
-- ``sae: {from_step: train}``: the SAEs trained by the cases of an earlier ``train_sae`` step.
-
-:func:`load_saes` resolves a request (layers and a hook site) into one :class:`LoadedSAE` per
-layer, loading each SAE once per run through ``StepContext.cached``. The hook always comes from the
-SAE's own metadata (``cfg.metadata.hook_name``). A request for another hook is an error, except for
-the one identity TransformerLens guarantees: ``blocks.{L}.hook_resid_post`` is the same tensor as
-``blocks.{L+1}.hook_resid_pre``. So "resid_post of layer 5" is served by an SAE trained on
-``blocks.6.hook_resid_pre`` (``gpt2-small-res-jb`` has only resid_pre SAEs, plus resid_post of
-layer 11), and the case says so in a note.
-
-sae_lens is imported inside the functions that need it: importing it takes seconds, and
-``runner validate`` only needs :func:`known_releases` (read from SAELens' own YAML file).
+Analyses reach this through ``ctx.saes(...)`` (declaring ``needs=(..., "saes")``); sae_lens is
+imported inside the functions that need it.
 """
 
 from __future__ import annotations
 
-import difflib
 import functools
-import importlib.util
-import re
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, model_validator
 
 from runner.errors import ResourceError
+from runner.hooks import SITE_HOOKS, equivalent_hooks, hook_name, parse_hook, require_layers
+from runner.registry import close_matches
+from runner.saes import SAESource, TrainedSAE, known_releases, shipped_sae_dir
 
 if TYPE_CHECKING:
     from sae_lens import SAE
 
     from runner.step import StepContext
 
-__all__ = [
-    "SAE_SITES",
-    "LoadedSAE",
-    "SAESource",
-    "equivalent_hooks",
-    "known_releases",
-    "load_saes",
-    "parse_hook",
-    "sae_hook_name",
-]
+__all__ = ["LoadedSAE", "load_saes"]
 
-SAE_SITES: dict[str, str] = {
-    "resid_pre": "hook_resid_pre",
-    "resid_mid": "hook_resid_mid",
-    "resid_post": "hook_resid_post",
-    "attn_out": "hook_attn_out",
-    "mlp_out": "hook_mlp_out",
-    "mlp_post": "mlp.hook_post",
-}
-"""Sites an SAE may read, as in ``activation_importance``: ``blocks.{layer}.<hook>``."""
-
-_HOOK_PATTERN = re.compile(r"^blocks\.(\d+)\.(" + "|".join(re.escape(h) for h in SAE_SITES.values()) + r")$")
-_SITE_OF_HOOK = {hook: site for site, hook in SAE_SITES.items()}
 SAE_WEIGHTS_FILE = "sae_weights.safetensors"
 SAE_CFG_FILE = "cfg.json"
 OFFLINE_ALTERNATIVES = (
     "Use an SAE that loads offline instead:\n"
-    "  sae: {path: ../saes/smollm2-135m/blocks.12.hook_resid_post}  # shipped with runner, for smollm2-135m\n"
+    "  sae: {name: smollm2-135m/blocks.12.hook_resid_post}  # shipped with runner, for smollm2-135m\n"
     "  sae: {path: path/to/sae-dir}           # any SAELens directory (cfg.json + sae_weights.safetensors)\n"
     "  sae: {from_step: train}                # trained by an earlier `train_sae` step of the spec"
 )
-
-
-# ----------------------------------------------------------------------------------------------
-# Hook names
-
-
-def sae_hook_name(site: str, layer: int) -> str:
-    """``sae_hook_name("resid_post", 6)`` → ``"blocks.6.hook_resid_post"``."""
-    return f"blocks.{layer}.{SAE_SITES[site]}"
-
-
-def parse_hook(hook: str) -> tuple[int, str] | None:
-    """``"blocks.6.hook_resid_post"`` → ``(6, "resid_post")``; None for hooks outside the blocks' sites."""
-    match = _HOOK_PATTERN.match(hook)
-    return (int(match.group(1)), _SITE_OF_HOOK[match.group(2)]) if match else None
-
-
-def equivalent_hooks(hook: str, n_layers: int | None = None) -> list[str]:
-    """``hook`` and the hooks that TransformerLens guarantees hold the same tensor.
-
-    ``blocks.{L}.hook_resid_post`` is ``blocks.{L+1}.hook_resid_pre`` (when layer L+1 exists).
-    """
-    parsed = parse_hook(hook)
-    if parsed is None:
-        return [hook]
-    layer, site = parsed
-    if site == "resid_post" and (n_layers is None or layer + 1 < n_layers):
-        return [hook, sae_hook_name("resid_pre", layer + 1)]
-    if site == "resid_pre" and layer > 0:
-        return [hook, sae_hook_name("resid_post", layer - 1)]
-    return [hook]
-
-
-# ----------------------------------------------------------------------------------------------
-# The params type
-
-
-@functools.lru_cache(maxsize=1)
-def known_releases() -> dict[str, dict[str, Any]]:
-    """SAELens' pretrained releases (name → entry), read from its YAML file without importing sae_lens."""
-    import yaml
-
-    spec = importlib.util.find_spec("sae_lens")
-    if spec is None or spec.origin is None:
-        return {}
-    path = Path(spec.origin).parent / "pretrained_saes.yaml"
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    return dict(yaml.load(path.read_text(encoding="utf-8"), Loader=loader) or {})
-
-
-class SAESource(BaseModel):
-    """Where an analysis gets its SAE(s): a SAELens release, a local directory, or an earlier step.
-
-    Give exactly one of ``release``, ``path`` or ``from_step``.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
-
-    release: str | None = None
-    """A SAELens pretrained release, e.g. `gpt2-small-res-jb` (downloaded from the Hugging Face hub)."""
-    id: str | None = None
-    """The SAE id inside `release`; `{layer}` is replaced by each layer, e.g. `blocks.{layer}.hook_resid_pre`.
-    Default: the id named after the requested hook (or its resid_pre/resid_post twin)."""
-    path: str | None = None
-    """A local SAELens directory (cfg.json + sae_weights.safetensors), relative to the spec file;
-    `{layer}` is replaced by each layer."""
-    from_step: str | None = None
-    """The id of an earlier `train_sae` step of this spec: the SAEs its cases trained."""
-
-    @model_validator(mode="after")
-    def _check_one_source(self) -> SAESource:
-        given = [name for name in ("release", "path", "from_step") if getattr(self, name) is not None]
-        if len(given) != 1:
-            got = f"got {', '.join(given)}" if given else "got none"
-            raise ValueError(
-                "give exactly one of `release` (SAELens pretrained), `path` (local SAELens directory) "
-                f"or `from_step` (an earlier train_sae step); {got}"
-            )
-        if self.id is not None and self.release is None:
-            raise ValueError(
-                "`id` selects an SAE inside a `release`; it goes with neither `path` nor `from_step`"
-            )
-        if self.release is not None:
-            releases = known_releases()
-            if releases and self.release not in releases:
-                close = difflib.get_close_matches(self.release, list(releases), n=3, cutoff=0.6)
-                hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-                raise ValueError(
-                    f"unknown SAELens release {self.release!r}.{hint} SAELens lists {len(releases)} releases "
-                    "in sae_lens/pretrained_saes.yaml; for your own SAE use `path:`"
-                )
-        return self
-
-    def describe(self) -> str:
-        """``release gpt2-small-res-jb``, ``path saes/x`` or ``step train``, as the report shows it."""
-        if self.release is not None:
-            return f"release {self.release}" + (f" (id {self.id})" if self.id else "")
-        return f"path {self.path}" if self.path is not None else f"step {self.from_step}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,6 +111,8 @@ def load_saes(
         saes = _from_release(ctx, source, layers, site, where)
     elif source.path is not None:
         saes = _from_path(ctx, source.path, layers, site, where)
+    elif source.name is not None:
+        saes = _from_path(ctx, source.name, layers, site, where, shipped=True)
     else:
         assert source.from_step is not None  # the validator guarantees one source
         saes = _from_step(ctx, source.from_step, layers, site, where)
@@ -266,7 +138,7 @@ def _requested_for(sae_hook: str, layer: int | None, site: str | None) -> str:
             return hook
     own = parse_hook(sae_hook)
     assert own is not None  # _sae_hook_of checked it
-    return sae_hook_name(site or own[1], own[0] if layer is None else layer)
+    return hook_name(site or own[1], own[0] if layer is None else layer)
 
 
 def _match(
@@ -290,9 +162,7 @@ def _match(
         fits = [h for h in hooks if _requested_for(h, layer, site) in equivalent_hooks(h, n_layers)]
         own_layer = [h for h in fits if (parse_hook(h) or (-1, ""))[0] == layer]
         chosen = (own_layer or fits or [""])[0]
-        requested = (
-            _requested_for(chosen, layer, site) if chosen else sae_hook_name(site or "resid_pre", layer)
-        )
+        requested = _requested_for(chosen, layer, site) if chosen else hook_name(site or "resid_pre", layer)
         out.append((requested, chosen))
     return out
 
@@ -331,7 +201,7 @@ def _sae_hook_of(sae: SAE[Any], source: str, where: str) -> str:
             "(the hook it was trained on) to its cfg.json."
         )
     if hook.endswith("hook_z") or sae.cfg.reshape_activations == "hook_z" or parse_hook(hook) is None:
-        sites = ", ".join(f"blocks.L.{h}" for h in SAE_SITES.values())
+        sites = ", ".join(f"blocks.L.{h}" for h in SITE_HOOKS.values())
         raise ResourceError(
             f"The SAE from {source} reads {hook}, which {where} does not support.\nSupported hooks: {sites}."
         )
@@ -340,11 +210,7 @@ def _sae_hook_of(sae: SAE[Any], source: str, where: str) -> str:
 
 def _check_fits_model(ctx: StepContext, loaded: LoadedSAE, where: str) -> None:
     model = ctx.model
-    if loaded.layer >= model.n_layers:
-        raise ResourceError(
-            f"{where}: layer {loaded.layer} does not exist in model {model.name!r}, which has "
-            f"{model.n_layers} layers (0-{model.n_layers - 1}).\nSet `layers` within that range."
-        )
+    require_layers([loaded.layer], model.n_layers, model=model.name, where=where)
     width = model.model.cfg.d_mlp if loaded.site == "mlp_post" else model.model.cfg.d_model
     if loaded.sae.cfg.d_in != width:
         trained = loaded.info.get("trained_on_model") or "another model"
@@ -433,7 +299,7 @@ def _templated(
     for layer in chosen:
         sae_id = template.replace("{layer}", str(layer))
         if sae_id not in ids:
-            close = difflib.get_close_matches(sae_id, list(ids), n=3, cutoff=0.5)
+            close = close_matches(sae_id, list(ids), cutoff=0.5)
             hint = f" Close ids: {', '.join(close)}." if close else ""
             raise ResourceError(
                 f"{where}: SAELens release {release!r} has no SAE with id {sae_id!r}.{hint}\n"
@@ -458,7 +324,7 @@ def _check_same_tensor(loaded: LoadedSAE, where: str) -> None:
 def _load_release(
     ctx: StepContext, release: str, sae_id: str, entry: dict[str, Any], folder: str
 ) -> SAE[Any]:
-    from runner.models import _hub_offline, hub_reachable
+    from runner.models.hub import hub_offline, hub_reachable
 
     repo_id = str(entry.get("repo_id", ""))
     cached = _release_cached(repo_id, folder)
@@ -472,7 +338,7 @@ def _load_release(
     from sae_lens import SAE
 
     try:
-        with _hub_offline(cached):
+        with hub_offline(cached):
             sae = SAE.from_pretrained(release, sae_id, device=ctx.device, dtype=_dtype_name(ctx))
     except Exception as exc:  # hub, auth and conversion errors reach the user the same way
         raise ResourceError(
@@ -494,17 +360,25 @@ def _release_cached(repo_id: str, folder: str) -> bool:
 
 
 def _from_path(
-    ctx: StepContext, template: str, layers: tuple[int, ...] | None, site: str | None, where: str
+    ctx: StepContext,
+    template: str,
+    layers: tuple[int, ...] | None,
+    site: str | None,
+    where: str,
+    *,
+    shipped: bool = False,
 ) -> list[LoadedSAE]:
+    """SAEs from local directories (``sae.path``) or shipped with runner (``sae.name``)."""
     per_layer = "{layer}" in template
+    field_name = "sae.name" if shipped else "sae.path"
     if per_layer and layers is None:
         raise ResourceError(
-            f"{where}: `sae.path` {template!r} is a per-layer template, but no `layers` are given.\n"
+            f"{where}: `{field_name}` {template!r} is a per-layer template, but no `layers` are given.\n"
             "Set `layers` (e.g. '6' or '3,6,9')."
         )
     if not per_layer and layers is not None and len(layers) > 1:
         raise ResourceError(
-            f"{where}: `sae.path` {template!r} names one SAE, but {len(layers)} layers are requested "
+            f"{where}: `{field_name}` {template!r} names one SAE, but {len(layers)} layers are requested "
             f"({', '.join(map(str, layers))}).\nPut `{{layer}}` in the path (one directory per layer) or "
             "request the SAE's one layer."
         )
@@ -512,11 +386,30 @@ def _from_path(
     out = []
     for layer in chosen:
         text = template.replace("{layer}", str(layer))
-        directory = _resolve_dir(ctx, text, where)
+        directory = _shipped_dir(text, where) if shipped else _resolve_dir(ctx, text, where)
         key = ("sae", "path", str(directory), _mtime(directory), ctx.device, _dtype_name(ctx))
         sae = ctx.cached(key, functools.partial(_load_directory, ctx, directory, where))
-        out.append(_loaded(sae, layer, site, f"directory {text}", {"path": str(directory)}, where))
+        info: dict[str, Any] = {"name": text} if shipped else {}
+        info["path"] = str(directory)
+        info["sha256"] = ctx.cached(("sae sha256", *key), functools.partial(_hashes, directory))
+        origin = f"shipped SAE {text}" if shipped else f"directory {text}"
+        out.append(_loaded(sae, layer, site, origin, info, where))
     return out
+
+
+def _shipped_dir(name: str, where: str) -> Path:
+    try:
+        return shipped_sae_dir(name)
+    except ValueError as exc:
+        raise ResourceError(f"{where}: {exc}") from None
+
+
+def _hashes(directory: Path) -> dict[str, str]:
+    """sha256 of the SAE's config and weights: what the manifest pins."""
+    return {
+        name: hashlib.sha256((directory / name).read_bytes()).hexdigest()
+        for name in (SAE_CFG_FILE, SAE_WEIGHTS_FILE)
+    }
 
 
 def _resolve_dir(ctx: StepContext, text: str, where: str) -> Path:
@@ -562,15 +455,9 @@ def _load_directory(ctx: StepContext, directory: Path, where: str) -> SAE[Any]:
 def _from_step(
     ctx: StepContext, step_id: str, layers: tuple[int, ...] | None, site: str | None, where: str
 ) -> list[LoadedSAE]:
-    by_hook: dict[str, tuple[str, dict[str, Any], dict[str, torch.Tensor]]] = {}
-    for case in ctx.outputs(step_id):
-        cfg, weights = case.output.data.get(SAE_CFG_FILE), case.output.data.get(SAE_WEIGHTS_FILE)
-        if not isinstance(cfg, dict) or not isinstance(weights, dict):
-            raise ResourceError(
-                f"{where}: step {step_id!r} (case {case.id}) produced no SAE ({SAE_CFG_FILE} and "
-                f"{SAE_WEIGHTS_FILE}).\n`sae: {{from_step: ...}}` must name a `train_sae` step."
-            )
-        by_hook[str((cfg.get("metadata") or {}).get("hook_name", ""))] = (case.id, cfg, weights)
+    by_hook: dict[str, tuple[str, TrainedSAE]] = {}
+    for case in ctx.outputs(step_id, TrainedSAE):
+        by_hook[case.result.sae_hook] = (case.id, case.result)
     pairs = _match(list(by_hook), layers, site, ctx.model.n_layers)
     missing = [hook for hook, found in pairs if not found]
     if missing or not pairs:
@@ -582,19 +469,22 @@ def _from_step(
         )
     out = []
     for requested, hook in pairs:
-        case_id, cfg, weights = by_hook[hook]
+        case_id, trained = by_hook[hook]
         key = ("sae", "step", step_id, case_id, ctx.device, _dtype_name(ctx))
-        sae = ctx.cached(key, functools.partial(_sae_from_data, ctx, cfg, weights))
+        sae = ctx.cached(key, functools.partial(_sae_from_result, ctx, trained))
         layer = (parse_hook(requested) or (None,))[0]
         out.append(_loaded(sae, layer, site, f"step {step_id} case {case_id}", {"case": case_id}, where))
     return out
 
 
-def _sae_from_data(ctx: StepContext, cfg: dict[str, Any], weights: dict[str, torch.Tensor]) -> SAE[Any]:
-    """An SAE from a train_sae step's in-memory data files (the same bytes it wrote to disk)."""
+def _sae_from_result(ctx: StepContext, trained: TrainedSAE) -> SAE[Any]:
+    """An SAE from an earlier step's typed result (its SAELens config and weights)."""
     from sae_lens import SAE
 
     dtype = ctx.model.model.cfg.dtype
-    sae = SAE.from_dict({**cfg, "device": ctx.device, "dtype": _dtype_name(ctx)})
-    sae.load_state_dict({k: v.to(device=ctx.device, dtype=dtype) for k, v in weights.items()})
+    sae = SAE.from_dict({**trained.sae_cfg, "device": ctx.device, "dtype": _dtype_name(ctx)})
+    weights = {
+        k: torch.from_numpy(v).to(device=ctx.device, dtype=dtype) for k, v in trained.sae_weights.items()
+    }
+    sae.load_state_dict(weights)
     return sae.eval()

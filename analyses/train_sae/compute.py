@@ -1,23 +1,4 @@
-"""Train a sparse autoencoder on one hook of the spec's model, over the spec's dataset, with SAELens.
-
-Activations are read at ``blocks.{layer}.<site>`` (the forward pass stops right after that layer),
-every position but a leading BOS token, and split by passage into a training set and a held-out
-evaluation set (the last ``eval_fraction`` of the passages). SAELens 6's ``SAETrainer`` trains a
-(Batch)TopK or standard (L1) SAE on shuffled training activations for ``epochs`` passes
-(Bricken et al. 2023, "Towards Monosemanticity"; Gao et al. 2024, "Scaling and evaluating sparse
-autoencoders"; Bussmann et al. 2024, "BatchTopK Sparse Autoencoders").
-
-Quality is reported the way SAELens' ``run_evals`` does, on the held-out passages: L0 (features
-active per token), explained variance (``1 - E|x - x̂|² / Var(x)``), MSE and cosine similarity, and
-the next-token loss with the SAE's reconstruction spliced in at the hook, against the clean loss and
-against zero-ablating the hook (``ce_loss_score = (zero - spliced) / (zero - clean)``: 1 means the
-SAE loses nothing). Dead features are those that never fire on the training (or held-out)
-activations.
-
-The SAE is returned in SAELens' directory format (``cfg.json``, ``sae_weights.safetensors``,
-``sparsity.safetensors``), so ``data/<case id>/`` loads with ``SAE.load_from_disk`` and with
-``sae: {path: ...}``; a later step of the same spec reads it with ``sae: {from_step: <step id>}``.
-"""
+"""How ``train_sae`` computes; ``__init__.py`` declares it (params, result, registration)."""
 
 from __future__ import annotations
 
@@ -26,92 +7,23 @@ import functools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from matplotlib.figure import Figure
-from pydantic import BaseModel, ConfigDict, Field
 
 from analyses._sae_tensors import PADDING, capture, eligible_positions, logits_from_resid, stop_layer
+from analyses.train_sae import TrainSaeParams, TrainSaeResult
 from runner.errors import ResourceError
-from runner.registry import analysis
-from runner.saes import sae_hook_name
+from runner.hooks import hook_name, require_layers
 from runner.step import StepContext, StepOutput
 
 if TYPE_CHECKING:
     from sae_lens import SAE, TrainingSAE
     from transformer_lens import HookedTransformer
 
-__all__ = ["TrainSaeParams", "train_sae"]
-
-Site = Literal["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "mlp_post"]
-
-
-class TrainSaeParams(BaseModel):
-    """Parameters of ``train_sae``."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
-
-    layer: int = Field(default=6, ge=0)
-    """The layer whose activations the SAE reconstructs."""
-
-    site: Site = "resid_post"
-    """Hook site at that layer: `blocks.{layer}.hook_<site>`; `mlp_post` is `blocks.{layer}.mlp.hook_post`."""
-
-    architecture: Literal["batchtopk", "topk", "standard"] = "batchtopk"
-    """`batchtopk` (k active features per token on average over a batch; saved as JumpReLU),
-    `topk` (exactly k per token) or `standard` (ReLU with an L1 penalty)."""
-
-    d_sae: int = Field(default=2304, ge=1)
-    """Number of features (2304 is 4 x SmolLM2-135M's d_model)."""
-
-    k: int = Field(default=32, ge=1)
-    """Active features per token for `topk` and `batchtopk`."""
-
-    l1_coefficient: float = Field(default=5.0, gt=0)
-    """Sparsity penalty of `standard` SAEs."""
-
-    epochs: float = Field(default=3.0, gt=0)
-    """Passes over the training activations (fractions allowed)."""
-
-    train_batch_size: int = Field(default=1024, ge=1)
-    """Activations (tokens) per optimizer step."""
-
-    lr: float = Field(default=4e-4, gt=0)
-    """Adam learning rate."""
-
-    lr_warm_up_steps: int = Field(default=0, ge=0)
-    """Steps of linear warm-up."""
-
-    lr_decay_fraction: float = Field(default=0.2, ge=0, le=1)
-    """Fraction of the steps, at the end, over which the learning rate decays linearly to 0
-    (SAELens' constant schedule with a decay)."""
-
-    dead_feature_window: int = Field(default=50, ge=1)
-    """Steps without firing after which a feature counts as dead; (Batch)TopK SAEs then train dead
-    features on the residual error (the auxiliary loss)."""
-
-    normalize_activations: Literal["none", "expected_average_only_in"] = "expected_average_only_in"
-    """`expected_average_only_in` scales inputs to an average norm of sqrt(d_in) during training and
-    folds the scale into the saved weights (SAELens' default for new SAEs)."""
-
-    eval_fraction: float = Field(default=0.1, gt=0, lt=1)
-    """Fraction of the passages (the last ones) held out for the quality report."""
-
-    ce_eval_passages: int = Field(default=32, ge=1)
-    """Held-out passages for the CE losses (three forward passes each); L0 and explained variance use
-    every held-out activation."""
-
-    batch_size: int = Field(default=8, ge=1)
-    """Passages per forward pass when reading activations and evaluating."""
-
-    exclude_bos: bool = True
-    """Leave a passage's leading BOS token out of training and evaluation (its residual stream is an
-    outlier that would dominate the loss)."""
-
-    save_dtype: Literal["float32", "float16"] = "float32"
-    """Dtype of the saved weights; float16 halves the files, and the quality is measured after rounding."""
+__all__ = ["run"]
 
 
 @dataclass
@@ -134,8 +46,7 @@ class TrainingLog:
     rows: list[dict[str, float]] = field(default_factory=list)
 
 
-@analysis("train_sae", params=TrainSaeParams)
-def train_sae(ctx: StepContext, params: TrainSaeParams) -> StepOutput:
+def run(ctx: StepContext, params: TrainSaeParams) -> StepOutput:
     """Train an SAE with SAELens on one hook; report L0, explained variance, CE loss, dead features."""
     hook = _hook(ctx, params)
     started = time.perf_counter()
@@ -148,13 +59,9 @@ def train_sae(ctx: StepContext, params: TrainSaeParams) -> StepOutput:
 
 
 def _hook(ctx: StepContext, params: TrainSaeParams) -> str:
-    n_layers = ctx.model.n_layers
-    if params.layer >= n_layers:
-        raise ResourceError(
-            f"train_sae case {ctx.case_id}: layer {params.layer} does not exist in model {ctx.model.name!r}, "
-            f"which has {n_layers} layers (0-{n_layers - 1}).\nSet `layer` within that range."
-        )
-    return sae_hook_name(params.site, params.layer)
+    where = f"train_sae case {ctx.case_id}"
+    require_layers([params.layer], ctx.model.n_layers, model=ctx.model.name, where=where, field="layer")
+    return hook_name(params.site, params.layer)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -461,11 +368,12 @@ def _output(
         "cfg.json": cfg,
         "sae_weights.safetensors": weights,
         "sparsity.safetensors": {"sparsity": log10_sparsity},
-        "quality.json": summary,
+        "quality.json": summary,  # the result without the weights, as the shipped SAE's quality.json
         "training_log.csv": log.rows,
         "feature_frequency.npy": frequency,
     }
-    return StepOutput(summary=summary, data=data, plots=_plots(ctx.model.name, hook, log, frequency))
+    result = TrainSaeResult(**summary, sae_hook=hook, sae_cfg=cfg, sae_weights=weights)
+    return StepOutput(result=result, data=data, plots=_plots(ctx.model.name, hook, log, frequency))
 
 
 def _plots(model: str, hook: str, log: TrainingLog, frequency: np.ndarray) -> dict[str, Figure]:

@@ -1,17 +1,4 @@
-"""Cross-model comparison of super weights: how many each model has, where, and what removing them does.
-
-The seed's "Cross-Model Analysis" (``comprehensive_super_weight_analysis.py``: ``cross_model_summary.json``
-and ``model_comparison.png``), after Yu et al. 2024, "The Super Weight in Large Language Models". It
-loads no model: it reads the finished cases of an earlier ``super_weights`` step, one per model when
-the spec sweeps ``model.name`` (a step that needs no model runs once, after every model's cases).
-
-Per model: the number of super weights and their coordinates and values, the baseline perplexity,
-the perplexity ratio with all of them zeroed and with each matched control set zeroed (a random
-coordinate and the largest ordinary weight of the same tensors), how many times more the super
-weights hurt than each control, and lm-eval accuracy changes when the step measured them.
-Perplexities are per token of each model's own tokenizer, so ratios compare across models and
-absolute values do not.
-"""
+"""How ``super_weight_comparison`` computes; ``__init__.py`` declares it (params, result, registration)."""
 
 from __future__ import annotations
 
@@ -21,26 +8,16 @@ from typing import Any
 
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
-from pydantic import BaseModel, ConfigDict, Field
 
-from runner.errors import ResourceError, RunnerError
-from runner.registry import analysis
+from analyses.super_weight_comparison import SuperWeightComparisonParams, SuperWeightComparisonResult
+from analyses.super_weights import SuperWeightsResult
+from runner.errors import RunnerError
 from runner.step import FinishedCase, StepContext, StepOutput
 
-__all__ = ["SuperWeightComparisonParams", "compare_models", "super_weight_comparison"]
+__all__ = ["compare_models", "run"]
 
 CONTROLS = (("random_control", "random coordinates"), ("magnitude_control", "largest ordinary weights"))
 """The control sets of ``super_weights`` (summary key prefix, label)."""
-
-
-class SuperWeightComparisonParams(BaseModel):
-    """Parameters of ``super_weight_comparison``."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
-
-    from_step: str = Field(default="super_weights", min_length=1)
-    """The id of the ``super_weights`` step to compare; list it before this step. Its cases on every
-    model of a ``model.name`` sweep are compared (several cases on one model are listed apart)."""
 
 
 def _number(value: Any) -> float | None:
@@ -87,31 +64,25 @@ def _accuracy(accuracy: dict[str, Any] | None) -> dict[str, Any] | None:
     return table
 
 
-def model_row(case: FinishedCase) -> dict[str, Any]:
+def model_row(case: FinishedCase[SuperWeightsResult]) -> dict[str, Any]:
     """One upstream ``super_weights`` case as a row of the comparison."""
-    summary = case.output.summary
-    if "n_found" not in summary or "weights" not in summary:
-        raise ResourceError(
-            f"Case {case.id} of step {case.step_id!r} has no super weights in its summary "
-            f"(keys: {', '.join(sorted(summary)) or 'none'}).\n"
-            "`from_step` must name a `super_weights` step."
-        )
+    result = case.result
     keys = ("layer", "row", "col", "value", "ppl_ratio")
     return {
         "model": case.model_name,
         "case": case.id,
-        "n_super_weights": int(summary["n_found"]),
-        "super_weights": [{k: w[k] for k in keys if k in w} for w in summary["weights"]],
-        "strongest": summary.get("strongest"),
-        "converged": summary.get("converged"),
-        "spike_threshold": summary.get("spike_threshold"),
-        "perplexity": _perplexity(summary.get("ppl")),
-        "accuracy": _accuracy(summary.get("accuracy")),
-        "dataset": case.output.data.get("analysis.json", {}).get("config", {}).get("dataset"),
+        "n_super_weights": result.n_found,
+        "super_weights": [w.model_dump(include=set(keys), exclude_none=True) for w in result.weights],
+        "strongest": result.strongest.model_dump(exclude_none=True) if result.strongest else None,
+        "converged": result.converged,
+        "spike_threshold": result.spike_threshold,
+        "perplexity": _perplexity(result.ppl.model_dump() if result.ppl else None),
+        "accuracy": _accuracy(result.accuracy),
+        "dataset": result.dataset,
     }
 
 
-def compare_models(cases: list[FinishedCase], from_step: str) -> dict[str, Any]:
+def compare_models(cases: list[FinishedCase[SuperWeightsResult]], from_step: str) -> dict[str, Any]:
     """``cross_model_summary.json``: one row per upstream case, and tallies keyed by model.
 
     Tallies are keyed by model name, or by case id for a model with several cases.
@@ -142,16 +113,17 @@ def _keys(rows: list[dict[str, Any]]) -> list[str]:
     return [r["model"] if repeats[r["model"]] == 1 else r["case"] for r in rows]
 
 
-def _upstream(ctx: StepContext, params: SuperWeightComparisonParams) -> list[FinishedCase]:
+def _upstream(
+    ctx: StepContext, params: SuperWeightComparisonParams
+) -> list[FinishedCase[SuperWeightsResult]]:
     try:
-        return ctx.outputs(params.from_step)
+        return ctx.outputs(params.from_step, SuperWeightsResult)
     except RunnerError as exc:
         ctx.note(f"Nothing to compare: {exc}")
         return []
 
 
-@analysis("super_weight_comparison", params=SuperWeightComparisonParams, needs=())
-def super_weight_comparison(ctx: StepContext, params: SuperWeightComparisonParams) -> StepOutput:
+def run(ctx: StepContext, params: SuperWeightComparisonParams) -> StepOutput:
     """Compare super weights and their perplexity / accuracy impact across models (loads no model)."""
     cases = _upstream(ctx, params)
     comparison = compare_models(cases, params.from_step)
@@ -166,7 +138,8 @@ def super_weight_comparison(ctx: StepContext, params: SuperWeightComparisonParam
         "models": [_summary_row(key, r) for key, r in zip(_keys(rows), rows, strict=True)],
     }
     plots = {"model_comparison.png": _comparison_plot(rows)} if rows else {}
-    return StepOutput(summary=summary, data={"cross_model_summary.json": comparison}, plots=plots)
+    result = SuperWeightComparisonResult.model_validate(summary)
+    return StepOutput(result=result, data={"cross_model_summary.json": comparison}, plots=plots)
 
 
 def _summary_row(key: str, row: dict[str, Any]) -> dict[str, Any]:

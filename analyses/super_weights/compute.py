@@ -1,35 +1,4 @@
-"""Super weights: single MLP down-projection weights whose removal wrecks a language model.
-
-After Yu et al. 2024, "The Super Weight in Large Language Models" (arXiv:2411.07918). A super weight
-``down_proj.weight[row, col]`` of an early layer turns a large activation of neuron ``col`` into a
-"super activation" on residual channel ``row``, which then persists through the residual stream;
-zeroing that one number raises perplexity by orders of magnitude in the paper's models (Llama-7B:
-layer 2, row 3968, col 7003).
-
-Detection is the paper's data-light recipe, run on one probe text. At every layer, take the largest
-``|input|`` of the down projection (``blocks.{L}.mlp.hook_post``, d_mlp channels) and the largest
-``|output|`` (``blocks.{L}.hook_mlp_out``, d_model channels) over all probe positions. A layer where
-both exceed ``spike_threshold`` yields the candidate ``(layer, row = output channel, col = input
-channel)``. The candidates are zeroed and the probe is run again, until no new candidate appears or
-``max_iterations`` probe passes have run. Every weight is restored, bit for bit, at the end.
-
-Impact: perplexity on the spec's dataset with the model as loaded (baseline), with each super weight
-zeroed alone, with all of them zeroed, and again after restoring (it must equal the baseline
-exactly). Two controls, matched one to one with the super weights: a random coordinate of the same
-tensor (seeded by the case seed), and the largest-magnitude ordinary weight of the same tensor.
-
-Accuracy (optional, ``accuracy_tasks``): lm-evaluation-harness scores tasks with the model as loaded,
-with every super weight zeroed, and with the random controls zeroed. It runs a transformers view of
-the model (:meth:`runner.models.LoadedModel.transformers_view`) whose down projections share storage
-with the ``HookedTransformer``, so the very same edits apply. Models loaded by Hugging Face id or from
-a checkpoint directory have one (any architecture TransformerLens converts), and so do
-Llama-architecture models from GGUF files.
-
-Replaces the seed script ``comprehensive_super_weight_analysis.py`` and keeps its file names
-(``detection_iterations.png``, ``super_weight_distribution.png``, ``impact_comparison.png``,
-``combined_analysis.png``, ``individual_analyses/sw_{i}_analysis.json``, ``combined_analysis.json``).
-The run folder carries the timestamp, so file names do not.
-"""
+"""How ``super_weights`` computes; ``__init__.py`` declares it (params, result, registration)."""
 
 from __future__ import annotations
 
@@ -45,8 +14,8 @@ import pandas as pd
 import torch
 import yaml
 from matplotlib.figure import Figure
-from pydantic import BaseModel, ConfigDict, Field
 
+from analyses._transformers_view import transformers_view
 from analyses._weights import (
     TENSOR,
     SuperWeight,
@@ -57,83 +26,20 @@ from analyses._weights import (
     token_losses,
     zeroed,
 )
+from analyses.super_weights import SuperWeightsParams, SuperWeightsResult
 from runner.errors import ResourceError
-from runner.models import LoadedModel, hub_reachable, require_hooks
-from runner.params import Indices
-from runner.registry import analysis, did_you_mean
+from runner.hooks import require_layers
+from runner.models.hub import hub_reachable
+from runner.models.loaded import LoadedModel, require_hooks
+from runner.registry import did_you_mean
 from runner.step import StepContext, StepOutput
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
-__all__ = [
-    "PROBE_TEXT",
-    "Detection",
-    "Found",
-    "LayerSpike",
-    "SuperWeightsParams",
-    "detect_super_weights",
-    "measure_spikes",
-    "super_weights",
-]
+__all__ = ["Detection", "Found", "LayerSpike", "detect_super_weights", "measure_spikes", "run"]
 
 FwdHooks = list[tuple[str | Callable[..., Any], Callable[..., Any]]]
-
-PROBE_TEXT = "Apple Inc. is a worldwide tech company."
-"""The probe sentence of the paper and of the seed scripts."""
-
-
-class SuperWeightsParams(BaseModel):
-    """Parameters of ``super_weights`` (the seed's flags; its ``--perplexity-samples`` is the spec's
-    ``dataset.max_passages``)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
-
-    spike_threshold: float = Field(default=50.0, gt=0)
-    """A layer yields a candidate when both its largest |down-projection input| and its largest
-    |down-projection output| on the probe exceed this value (the paper's and the seed's 50)."""
-
-    max_iterations: int = Field(default=10, ge=1)
-    """Most probe passes: each zeroes everything found so far and looks again. Detection stops
-    earlier when a pass finds nothing new."""
-
-    probe_text: str = Field(default=PROBE_TEXT, min_length=1)
-    """The text whose activations are inspected (the paper's sentence by default)."""
-
-    prepend_bos: bool | None = None
-    """Start the probe with BOS. Default: as the model's tokenizer does (``cfg.default_prepend_bos``)."""
-
-    layers: Indices | None = None
-    """Layers to search, e.g. ``"0-26"``. Default: every layer. Controls and perplexity are unaffected."""
-
-    perplexity: bool = True
-    """Measure perplexity on the spec's dataset (baseline, each weight zeroed, all zeroed, controls,
-    restored). ``false`` is the seed's ``--skip-perplexity``: detection only."""
-
-    control_each: bool = False
-    """Also zero each weight's two controls alone (two more perplexity passes per weight). By default
-    the controls are zeroed together, as a set matched to the super weights."""
-
-    accuracy_tasks: tuple[str, ...] = ()
-    """lm-evaluation-harness tasks scored with the model as loaded, with every super weight zeroed, and
-    with the matched random coordinates zeroed (the seed's ``--accuracy-tasks``: ``[hellaswag, arc_easy,
-    mmlu, gsm8k]``). Empty: no accuracy. Needs ``pip install lm-eval``, and a model loaded by Hugging Face
-    id or checkpoint directory, or of the Llama architecture; the standard tasks download their data
-    from the Hugging Face hub."""
-
-    accuracy_samples: int = Field(default=100, ge=1)
-    """Examples per task (lm-eval's ``limit``; the seed's ``--accuracy-samples``)."""
-
-    task_dir: str | None = None
-    """A folder of your own lm-eval task YAML files (lm-eval's ``include_path``), relative to the spec file.
-    Tasks defined there need no hub when their data files are local."""
-
-    batch_size: int = Field(default=8, ge=1)
-    """Passages per forward pass for perplexity, and lm-eval's batch size. Results do not depend on it."""
-
-    top_candidates: int = Field(default=5, ge=1)
-    """How many layers with the strongest spikes of the first probe pass the summary lists as
-    ``top_candidates`` (useful when nothing passes the threshold)."""
 
 
 # --- detection ---------------------------------------------------------------------------------------
@@ -323,7 +229,7 @@ class AccuracyRunner:
 
     simple_evaluate: Any
     model: Any
-    """lm-eval's ``HFLM`` around the model's transformers view (:meth:`LoadedModel.transformers_view`)."""
+    """lm-eval's ``HFLM`` around the model's transformers view (:func:`transformers_view`)."""
     task_manager: Any
 
     def scores(self, params: SuperWeightsParams) -> dict[str, dict[str, Any]]:
@@ -343,7 +249,7 @@ class AccuracyRunner:
 def prepare_accuracy(ctx: StepContext, params: SuperWeightsParams) -> AccuracyRunner:
     """Check lm-eval, the tasks and the model, and wrap the model; every problem is a clear error."""
     lm_eval, hflm, task_manager = _lm_eval(ctx, params)
-    view = ctx.model.transformers_view()  # its down projections share storage with the HookedTransformer
+    view = transformers_view(ctx.model)  # its down projections share storage with the HookedTransformer
     wrapped = hflm(pretrained=view, tokenizer=ctx.model.tokenizer, batch_size=params.batch_size)
     return AccuracyRunner(lm_eval.simple_evaluate, wrapped, task_manager)
 
@@ -465,8 +371,7 @@ def _accuracy_table(
 # --- the analysis ---------------------------------------------------------------------------------------
 
 
-@analysis("super_weights", params=SuperWeightsParams)
-def super_weights(ctx: StepContext, params: SuperWeightsParams) -> StepOutput:
+def run(ctx: StepContext, params: SuperWeightsParams) -> StepOutput:
     """Detect super weights on a probe text; measure what zeroing them does to perplexity (and accuracy)."""
     start = time.perf_counter()
     loaded = ctx.model
@@ -494,25 +399,14 @@ def super_weights(ctx: StepContext, params: SuperWeightsParams) -> StepOutput:
     if accuracy:
         data["accuracy.json"] = accuracy
         plots["accuracy_comparison.png"] = _accuracy_plot(accuracy, ctx.model.name)
-    return StepOutput(summary=summary, data=data, plots=plots)
+    return StepOutput(result=SuperWeightsResult.model_validate(summary), data=data, plots=plots)
 
 
 def _resolve_layers(ctx: StepContext, params: SuperWeightsParams) -> list[int]:
-    n_layers = ctx.model.n_layers
-    if params.layers is None:
-        layers = list(range(n_layers))
-    else:
-        missing = sorted(layer for layer in params.layers if layer >= n_layers)
-        if missing:
-            raise ResourceError(
-                f"super_weights case {ctx.case_id}: layers {missing} do not exist in model "
-                f"{ctx.model.name!r}, which has {n_layers} layers (0-{n_layers - 1}).\n"
-                f"Set `layers` within that range, e.g. '0-{n_layers - 1}', "
-                "or leave it out to search every layer."
-            )
-        layers = sorted(params.layers)
+    where = f"super_weights case {ctx.case_id}"
+    layers = sorted(require_layers(params.layers, ctx.model.n_layers, model=ctx.model.name, where=where))
     hooks = [f"blocks.{layer}.{site}" for layer in layers for site in ("mlp.hook_post", "hook_mlp_out")]
-    require_hooks(ctx.model, hooks, where=f"super_weights case {ctx.case_id}")
+    require_hooks(ctx.model, hooks, where=where)
     for layer in layers:
         down_proj(ctx.model.model, layer)  # a clear error for MoE or unusual MLPs, before any work
     return layers
@@ -661,6 +555,7 @@ def _summary(
         "spike_threshold": params.spike_threshold,
         "probe_tokens": detection.probe_tokens,
         "top_candidates": _top_candidates(detection, params.top_candidates),
+        "dataset": _dataset_facts(ctx, params),
     }
 
 

@@ -1,35 +1,7 @@
-"""Activation importance: how large each dimension of a hook site is, or how much the loss depends on it.
-
-For every chosen layer this reads one TransformerLens hook site (MLP activations after the
-nonlinearity by default, or a residual-stream / attention / MLP output) over every token position of
-every passage of the dataset, and reduces it to one number per dimension:
-
-- ``aggregate_by: values``: the activation itself, ``x``. Forward passes only, under
-  ``torch.no_grad()``, stopping after the last chosen layer.
-- ``aggregate_by: gradients``: ``dL/dx``, the gradient of the next-token cross-entropy with respect to
-  the activation (the quantity gradient-based attribution methods such as gradient × activation build
-  on). One backward pass per batch serves every chosen layer, and no parameter gradients are computed.
-
-``mean`` keeps the sign (the direction of the effect), ``mean_abs`` measures magnitude. An optional
-``power`` (``sign(x) * |x|**p``) is applied after averaging, then an optional normalization rescales each
-layer so that ``sum(|x|)`` (``sum_abs``) or ``sum(x)`` (``sum``) equals the number of dimensions, which
-makes layers of different widths comparable.
-
-Replaces the seed script ``layer_gradient_analysis.py`` and keeps its file names
-(``layer_{L}_{variant}_gradients.npy``, ``consolidated_results.npz``, ``metadata.json``,
-``timing_stats.json``). Two deliberate differences:
-
-- The loss is the SUM of the per-token cross-entropies over the batch, not the batch mean, so a token's
-  gradient does not depend on the batch size or passage length. Gradients are therefore
-  ``B * (T - 1)`` times larger than the seed's; normalized variants are unaffected. Means are taken over
-  all ``B * T`` positions; the gradient at a passage's last position is zero (it predicts nothing).
-- ``consolidated_results.npz`` holds arrays only (it loads without ``allow_pickle``); the metadata the
-  seed pickled into it is in ``metadata.json``.
-"""
+"""How ``activation_importance`` computes; ``__init__.py`` declares it (params, result, registration)."""
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,29 +10,26 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 from matplotlib.figure import Figure
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from analyses._tensors import (
     DimAccumulator,
     frozen_parameters,
-    hook_name,
     normalize,
     signed_power,
     top_by_abs,
     vector_stats,
 )
+from analyses.activation_importance import ActivationImportanceParams, ActivationImportanceResult
 from runner.errors import ResourceError
+from runner.hooks import hook_name, require_layers
 from runner.models import require_hooks
-from runner.params import Indices
-from runner.registry import analysis
 from runner.step import StepContext, StepOutput
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
-__all__ = ["ActivationImportanceParams", "activation_importance"]
+__all__ = ["run"]
 
-Site = Literal["mlp_post", "resid_pre", "resid_mid", "resid_post", "mlp_out", "attn_out"]
 Mode = Literal["mean", "mean_abs"]
 Norm = Literal["none", "sum", "sum_abs"]
 Results = dict[int, dict[str, np.ndarray]]  # layer → variant → (D,) float64
@@ -68,65 +37,6 @@ FwdHooks = list[tuple[str | Callable[..., Any], Callable[..., Any]]]
 PADDING = "right"
 """Passages are never padded; ``right`` keeps TransformerLens from masking tokens whose id is the pad
 id, which it does when the tokenizer pads on the left."""
-
-
-class ActivationImportanceParams(BaseModel):
-    """Parameters of ``activation_importance`` (the seed's flags, minus the dataset ones)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
-
-    layers: Indices | None = None
-    """Layers to analyse: ``"0-23"``, ``"0,5,10"``, an int or a list. Default: every layer of the model."""
-
-    site: Site = "mlp_post"
-    """Hook site: ``mlp_post`` is ``blocks.{L}.mlp.hook_post`` (d_mlp dims); the others are
-    ``blocks.{L}.hook_<site>`` (d_model dims): ``resid_pre``, ``resid_mid``, ``resid_post``, ``mlp_out``,
-    ``attn_out``."""
-
-    aggregate_by: Literal["values", "gradients"] = "values"
-    """``values``: the activations (forward only, fast).
-    ``gradients``: d(summed next-token loss)/d(activation)."""
-
-    aggregation_mode: Literal["mean", "mean_abs", "both"] = "mean_abs"
-    """``mean``: signed mean (direction); ``mean_abs``: mean absolute value (magnitude); ``both``."""
-
-    power: float | tuple[float, ...] | None = None
-    """Power applied after averaging, before normalization, keeping the sign (``sign(x)*|x|**p``).
-    Must be positive. A list (or ``"0.5,1.0,2.0"``) uses its first value and says so in a note."""
-
-    normalization: Literal["none", "sum", "sum_abs", "both"] = "sum_abs"
-    """The seed's ``--normalize_gradients``: rescale each layer so ``sum(|x|)`` (``sum_abs``) or ``sum(x)``
-    (``sum``) equals its dimension; ``none`` keeps raw values; ``both`` outputs both variants."""
-
-    batch_size: int = Field(default=4, ge=1)
-    """Passages per forward (and backward) pass. Results do not depend on it."""
-
-    top_k: int = Field(default=10, ge=1)
-    """How many dimensions of largest ``|value|`` per layer go into the summary and ``top_dimensions.csv``."""
-
-    @field_validator("power", mode="before")
-    @classmethod
-    def _read_power(cls, value: Any) -> Any:
-        """Read the seed's ``"0.5,1.0,2.0"`` form; a one-element list is just that number."""
-        if isinstance(value, str):
-            try:
-                value = [float(part) for part in value.split(",") if part.strip()]
-            except ValueError:
-                raise ValueError(f"cannot read {value!r} as a number or numbers like '0.5,1.0,2.0'") from None
-        if isinstance(value, list | tuple):
-            if not value:
-                raise ValueError("power list is empty: give a number, a list of numbers, or leave it out")
-            return value[0] if len(value) == 1 else tuple(value)
-        return value
-
-    @field_validator("power")
-    @classmethod
-    def _check_power(cls, value: float | tuple[float, ...] | None) -> float | tuple[float, ...] | None:
-        values = value if isinstance(value, tuple) else () if value is None else (value,)
-        bad = [p for p in values if not (math.isfinite(p) and p > 0)]
-        if bad:
-            raise ValueError(f"power must be a positive finite number, got {bad[0]}")
-        return value
 
 
 @dataclass
@@ -150,8 +60,7 @@ class Measurement:
     timing: Timing
 
 
-@analysis("activation_importance", params=ActivationImportanceParams)
-def activation_importance(ctx: StepContext, params: ActivationImportanceParams) -> StepOutput:
+def run(ctx: StepContext, params: ActivationImportanceParams) -> StepOutput:
     """Per-dimension mean / mean |·| of activations or loss gradients at one hook site, per layer."""
     start = time.perf_counter()
     layers = _resolve_layers(ctx, params)
@@ -163,7 +72,7 @@ def activation_importance(ctx: StepContext, params: ActivationImportanceParams) 
     timing.total_seconds = time.perf_counter() - start
     m = Measurement(results, hooks, power, next(iter(accumulators.values())).count, timing)
     return StepOutput(  # notes are recorded through ctx.note
-        summary=_summary(ctx, params, m), data=_data_files(ctx, params, m), plots=_plots(ctx, params, results)
+        result=_summary(ctx, params, m), data=_data_files(ctx, params, m), plots=_plots(ctx, params, results)
     )
 
 
@@ -171,18 +80,8 @@ def activation_importance(ctx: StepContext, params: ActivationImportanceParams) 
 
 
 def _resolve_layers(ctx: StepContext, params: ActivationImportanceParams) -> list[int]:
-    n_layers = ctx.model.n_layers
-    if params.layers is None:
-        return list(range(n_layers))
-    missing = sorted(layer for layer in params.layers if layer >= n_layers)
-    if missing:
-        raise ResourceError(
-            f"activation_importance case {ctx.case_id}: layers {missing} do not exist in model "
-            f"{ctx.model.name!r}, which has {n_layers} layers (valid layers: 0-{n_layers - 1}).\n"
-            f"Set `layers` within that range, e.g. '0-{n_layers - 1}', "
-            "or leave it out to analyse every layer."
-        )
-    return sorted(params.layers)
+    where = f"activation_importance case {ctx.case_id}"
+    return sorted(require_layers(params.layers, ctx.model.n_layers, model=ctx.model.name, where=where))
 
 
 def _resolve_power(ctx: StepContext, power: float | tuple[float, ...] | None) -> float | None:
@@ -337,14 +236,16 @@ def _layer_summary(values: np.ndarray, top_k: int) -> dict[str, Any]:
     return {**vector_stats(values), "top": [[dim, value] for dim, value in top_by_abs(values, top_k)]}
 
 
-def _summary(ctx: StepContext, params: ActivationImportanceParams, m: Measurement) -> dict[str, Any]:
+def _summary(
+    ctx: StepContext, params: ActivationImportanceParams, m: Measurement
+) -> ActivationImportanceResult:
     """What expectations read: ``peak.value``, ``layers[3].mean_abs.max``, ``dims[3]``…"""
     results = m.results
     variants = variant_names(params)
     first = variants[0]
     peak_layer = max(results, key=lambda layer: float(np.abs(results[layer][first]).max()))
     peak_dim, peak_value = top_by_abs(results[peak_layer][first], 1)[0]
-    return {
+    summary = {
         "variants": variants,
         "layers": {
             layer: {name: _layer_summary(values, params.top_k) for name, values in by_variant.items()}
@@ -358,7 +259,9 @@ def _summary(ctx: StepContext, params: ActivationImportanceParams, m: Measuremen
         "power": m.power,
         "normalization": params.normalization,
         "model": ctx.model.name,
+        "importance": results,
     }
+    return ActivationImportanceResult.model_validate(summary)
 
 
 def _data_files(ctx: StepContext, params: ActivationImportanceParams, m: Measurement) -> dict[str, Any]:

@@ -1,38 +1,4 @@
-"""What super weights do to the vocabulary: direct logit effects, interventions, cascades.
-
-For each super weight ``down_proj.weight[row, col]`` of layer ``L`` (found by an earlier
-``super_weights`` step, or listed by hand) this measures:
-
-- **The neuron's vocabulary effects** (a "neuron card"). Neuron ``col`` writes ``W_out[col]`` into
-  the residual stream per unit of activation. Read through the unembedding, with the final norm's
-  gain ``g`` applied (its per-token scale ignored; LayerNorm also centres the direction), that is
-  one direct logit effect per token, ``effect = (W_out[col] ⊙ g) · W_U``: the tokens it promotes and
-  suppresses, and the moments of the effect distribution over the vocabulary (variance, skew, excess
-  kurtosis). The cosine variant divides each effect by both vectors' norms. High kurtosis with
-  positive (negative) skew is what Gurnee et al. 2024 ("Universal Neurons in GPT2 Language Models")
-  call a prediction (suppression) neuron; the card's ``label`` says which, if either. Enrichment
-  scores token classes (digits and years, punctuation and brackets, function words, ...) by their
-  standardized mean effect.
-- **The weight's interventional impact** over sliding windows of the spec's dataset: the change in
-  next-token loss, predictive entropy, top-k margin (probability of the most likely token minus that
-  of the k-th) and stopword mass (probability on function words) when the weight is zeroed, with the
-  tokens whose mean probability changes most. Controls: a random coordinate of the same tensor zeroed
-  (seeded by the case seed), and the whole neuron zeroed (its row ``W_out[col]``). Bootstrap
-  confidence intervals resample windows.
-- **The cascade**: the same change in entropy and margin read through the logit lens
-  (``ln_final`` then ``W_U`` applied to ``blocks.{l}.hook_resid_post``) at a list of layers.
-
-Windows are cut from the dataset's token stream (its passages joined back together, BOS removed);
-each window gets the BOS token back when the dataset has one, so ``window_len`` counts it, as
-``dataset.max_len`` does. Every position of a window that predicts a token of the window is scored,
-except the first with ``drop_first_token``; overlapping windows (``stride < window_len``) score a
-token once per window that holds it.
-
-Replaces the seed script ``run_vocab_analyses.py`` and keeps its schemas and file names
-(``neurons.jsonl``, ``super_weights.jsonl``, ``neurons.csv``, ``super_weights.csv``, plots
-``neurons/{layer}-{neuron}-effects.png``, ``super_weights/{tensor}-L{layer}-R{row}-C{col}-deltas.png``
-and ``-cascade.png``).
-"""
+"""How ``super_weight_vocab`` computes; ``__init__.py`` declares it (params, result, registration)."""
 
 from __future__ import annotations
 
@@ -47,12 +13,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from matplotlib.figure import Figure
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from analyses._weights import TENSOR, SuperWeight, down_proj, neuron_edit, random_controls, zeroed
+from analyses.super_weight_vocab import SuperWeightVocabParams, SuperWeightVocabResult
+from analyses.super_weights import SuperWeightsResult
 from runner.errors import ResourceError
-from runner.params import Indices
-from runner.registry import analysis
+from runner.hooks import require_layers
 from runner.step import StepContext, StepOutput
 
 if TYPE_CHECKING:
@@ -60,16 +26,7 @@ if TYPE_CHECKING:
 
     from runner.datasets import TokenDataset
 
-__all__ = [
-    "METRICS",
-    "STOPWORDS",
-    "SuperWeightVocabParams",
-    "Windows",
-    "build_windows",
-    "neuron_effects",
-    "super_weight_vocab",
-    "window_metrics",
-]
+__all__ = ["METRICS", "STOPWORDS", "Windows", "build_windows", "neuron_effects", "run", "window_metrics"]
 
 METRICS = ("loss", "entropy", "topk_margin", "stopword_mass")
 """The per-position quantities whose change the intervention measures."""
@@ -88,84 +45,6 @@ STOPWORDS = frozenset(_FUNCTION_WORDS.split())
 
 PADDING = "right"
 FwdHooks = list[tuple[str | Callable[..., Any], Callable[..., Any]]]
-
-
-class SuperWeightVocabParams(BaseModel):
-    """Parameters of ``super_weight_vocab`` (the seed's ``run_vocab_analyses.py`` flags)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
-
-    from_step: str = "super_weights"
-    """The ``super_weights`` step whose detected weights are analysed (its cases on this case's model)."""
-
-    weights: tuple[tuple[int, int, int], ...] | None = None
-    """Analyse these ``[layer, row, col]`` instead (``down_proj.weight[row, col]``); ``from_step`` is
-    then not read."""
-
-    max_weights: int | None = Field(default=None, ge=1)
-    """Analyse at most this many weights: the strongest by the detection step's perplexity ratio
-    (detection order when it measured none). Default: all."""
-
-    tokens: int = Field(default=30000, ge=2)
-    """Text tokens of the dataset to slide windows over (the dataset must hold that many)."""
-
-    window_len: int = Field(default=1024, ge=2)
-    """Tokens per window, BOS included when the dataset prepends it; at most the model's context."""
-
-    stride: int = Field(default=512, ge=1)
-    """Tokens between the starts of consecutive windows; at most the window's text length."""
-
-    drop_first_token: bool = False
-    """Do not score the first position of each window (the prediction made from BOS, or from one token)."""
-
-    batch_size: int = Field(default=1, ge=1)
-    """Windows per forward pass. Each holds ``window_len × vocabulary`` probabilities in memory."""
-
-    top_k: int = Field(default=20, ge=1)
-    """Tokens listed per direction: top promoted / suppressed, and largest probability changes."""
-
-    margin_k: int = Field(default=2, ge=2)
-    """``topk_margin`` is the probability of the most likely token minus that of the k-th."""
-
-    cosine: bool = True
-    """Also compute the cosine variant of the vocabulary effects (the seed's ``--enable-cosine``)."""
-
-    enrichment: bool = True
-    """Score token classes by their mean effect (the seed's ``--enable-enrichment``)."""
-
-    cascade: bool = True
-    """Read the change in entropy and margin through the logit lens at ``cascade_layers``."""
-
-    cascade_layers: Indices | None = None
-    """Layers for the cascade. Default: eight evenly spaced layers, first and last included."""
-
-    bootstrap: int = Field(default=200, ge=0)
-    """Bootstrap resamples of the windows for 95% confidence intervals of the deltas; 0 disables."""
-
-    label_kurtosis: float = Field(default=10.0, gt=0)
-    """Excess kurtosis above which a neuron is labelled ``prediction`` (positive skew) or ``suppression``."""
-
-    @model_validator(mode="after")
-    def _check_windows(self) -> SuperWeightVocabParams:
-        """What can be checked without the dataset and the model (they are checked when the case runs)."""
-        problems = []
-        if self.stride > self.window_len:
-            problems.append(
-                f"stride ({self.stride}) is larger than window_len ({self.window_len}): the tokens between "
-                "windows would never be scored. Use stride <= window_len, "
-                f"e.g. stride: {self.window_len // 2 or 1}."
-            )
-        if self.window_len > self.tokens:
-            problems.append(
-                f"window_len ({self.window_len}) is larger than tokens ({self.tokens}): "
-                "not even one window fits. "
-                f"Raise tokens to at least {self.window_len} or lower window_len."
-            )
-        if self.drop_first_token and self.window_len < 3:
-            problems.append("drop_first_token needs window_len >= 3, or no position is left to score.")
-        if problems:
-            raise ValueError(" ".join(problems))
-        return self
 
 
 # --- windows -------------------------------------------------------------------------------------------
@@ -557,8 +436,7 @@ class Target:
     detected: dict[str, Any] = field(default_factory=dict)
 
 
-@analysis("super_weight_vocab", params=SuperWeightVocabParams)
-def super_weight_vocab(ctx: StepContext, params: SuperWeightVocabParams) -> StepOutput:
+def run(ctx: StepContext, params: SuperWeightVocabParams) -> StepOutput:
     """Vocabulary effects, windowed interventions with controls, and logit-lens cascades of super weights."""
     start = time.perf_counter()
     targets = _targets(ctx, params)
@@ -569,7 +447,7 @@ def super_weight_vocab(ctx: StepContext, params: SuperWeightVocabParams) -> Step
     _note_windows(ctx, params, windows)
     if not targets:
         ctx.note(f"Step {params.from_step!r} found no super weights on {ctx.model.name}; nothing to analyse.")
-        return StepOutput(summary=_summary(ctx, params, windows, [], [], None))
+        return StepOutput(result=_summary(ctx, params, windows, [], [], None))
     vocab = Vocabulary.of(ctx.model.tokenizer, model.cfg.d_vocab)
     stop_ids = torch.from_numpy(np.flatnonzero(vocab.classes["function_words"]))
     cascade_layers = _cascade_layers(ctx, params)
@@ -587,7 +465,7 @@ def super_weight_vocab(ctx: StepContext, params: SuperWeightVocabParams) -> Step
     neuron_cards = [card for card, _ in neurons.values()]
     seconds = time.perf_counter() - start
     return StepOutput(
-        summary=_summary(ctx, params, windows, cards, neuron_cards, base),
+        result=_summary(ctx, params, windows, cards, neuron_cards, base),
         data=_data_files(params, windows, cards, neuron_cards, seconds),
         plots=_plots(ctx, cards, neurons),
     )
@@ -612,7 +490,7 @@ def _targets(ctx: StepContext, params: SuperWeightVocabParams) -> list[Target]:
 
 
 def _detected(ctx: StepContext, step_id: str) -> list[Target]:
-    cases = ctx.outputs(step_id)
+    cases = ctx.outputs(step_id, SuperWeightsResult)
     same = [c for c in cases if c.model_name == ctx.model.name]
     if not same:
         models = sorted({c.model_name for c in cases})
@@ -623,15 +501,9 @@ def _detected(ctx: StepContext, step_id: str) -> list[Target]:
         )
     targets: dict[SuperWeight, Target] = {}
     for case in same:
-        found = case.output.summary.get("weights")
-        if found is None:
-            raise ResourceError(
-                f"super_weight_vocab case {ctx.case_id}: step {step_id!r} (case {case.id}) has no "
-                "`weights` in its summary; `from_step` must name a `super_weights` step."
-            )
-        for w in found:
-            weight = SuperWeight(int(w["layer"]), int(w["row"]), int(w["col"]))
-            targets.setdefault(weight, Target(weight, dict(w)))
+        for w in case.result.weights:
+            weight = SuperWeight(w.layer, w.row, w.col)
+            targets.setdefault(weight, Target(weight, w.model_dump(exclude_none=True)))
     if len(same) > 1:
         ctx.note(f"Step {step_id!r} has {len(same)} cases on {ctx.model.name}; their weights are pooled.")
     ordered = list(targets.values())
@@ -646,14 +518,11 @@ def _cascade_layers(ctx: StepContext, params: SuperWeightVocabParams) -> list[in
     n_layers = ctx.model.n_layers
     if params.cascade_layers is None:
         return sorted({round(float(x)) for x in np.linspace(0, n_layers - 1, min(8, n_layers))})
-    missing = sorted(layer for layer in params.cascade_layers if layer >= n_layers)
-    if missing:
-        raise ResourceError(
-            f"super_weight_vocab case {ctx.case_id}: cascade_layers {missing} do not exist in "
-            f"{ctx.model.name!r}, which has {n_layers} layers (0-{n_layers - 1}).\n"
-            "Set `cascade_layers` within that range, or leave it out."
-        )
-    return sorted(params.cascade_layers)
+    where = f"super_weight_vocab case {ctx.case_id}"
+    layers = require_layers(
+        params.cascade_layers, n_layers, model=ctx.model.name, where=where, field="cascade_layers"
+    )
+    return sorted(layers)
 
 
 def _note_windows(ctx: StepContext, params: SuperWeightVocabParams, windows: Windows) -> None:
@@ -715,9 +584,9 @@ def _summary(
     cards: list[dict[str, Any]],
     neuron_cards: list[dict[str, Any]],
     base: Measured | None,
-) -> dict[str, Any]:
+) -> SuperWeightVocabResult:
     """What expectations read: ``weights[0].deltas.loss``, ``neurons[0].label``…"""
-    return {
+    summary = {
         "model": ctx.model.name,
         "n_weights": len(cards),
         "windows": {
@@ -754,6 +623,7 @@ def _summary(
             for n in neuron_cards
         ],
     }
+    return SuperWeightVocabResult.model_validate(summary)
 
 
 def _flat_weight(card: dict[str, Any]) -> dict[str, Any]:
