@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,6 +96,7 @@ def build_plan(spec: ExperimentSpec, doc: SpecDocument) -> Plan:
     problems: list[SpecProblem] = []
     checks = _checks(spec, doc, problems)
     _check_steps(spec, doc, problems)
+    _check_size(spec, doc, problems)
     cases: list[Case] = []
     if not problems:
         variants = list(_spec_variants(spec, doc, problems))
@@ -162,6 +164,40 @@ def _check_steps(spec: ExperimentSpec, doc: SpecDocument, problems: list[SpecPro
                     ANALYSES.unknown_message(step.analysis) + "\nRun `runner list` to see every analysis.",
                 )
             )
+
+
+MAX_CASES = 10_000
+"""Most cases a spec may expand into. Sweeps multiply: seven keys of ten values are ten million
+cases, which would take minutes and gigabytes to plan; no experiment runs that many cases."""
+
+
+def sweep_size(sweep: SweepSpec | None) -> int:
+    """Number of combinations of ``sweep`` (1 without one), computed without expanding it."""
+    if sweep is None:
+        return 1
+    size = math.prod(len(values) for values in sweep.product.values())
+    return size * (len(next(iter(sweep.zip.values()))) if sweep.zip else 1)
+
+
+def _check_size(spec: ExperimentSpec, doc: SpecDocument, problems: list[SpecProblem]) -> None:
+    """Refuse a spec whose sweeps expand past :data:`MAX_CASES` before expanding anything."""
+    per_variant = sum(sweep_size(step.sweep) for step in spec.steps)
+    total = sweep_size(spec.sweep) * per_variant
+    if total <= MAX_CASES:
+        return
+    biggest = max(range(len(spec.steps)), key=lambda i: sweep_size(spec.steps[i].sweep))
+    loc: Loc = ("steps", biggest, "sweep")
+    if sweep_size(spec.sweep) > sweep_size(spec.steps[biggest].sweep):
+        loc = ("sweep",)
+    problems.append(
+        doc.problem(
+            loc,
+            f"the sweeps expand into {total:,} cases, more than the {MAX_CASES:,} a spec may hold "
+            "(the lists under `product:` multiply). Sweep fewer values, or split the experiment into "
+            "several specs.",
+            key=True,
+        )
+    )
 
 
 def _checks(

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -166,6 +169,127 @@ def test_malformed_files_get_clear_errors(tmp_path, run_cli, content, message):
     assert "Traceback" not in out + err
 
 
+ROOT = Path(__file__).resolve().parents[2]
+"""The repository, put first on the subprocess's path so that it runs this checkout's `runner`."""
+
+# The issue's "billion laughs": 9 lines that stand for 9**9 (387 million) values once expanded.
+LAUGHS = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"{name}: &{name} [{', '.join([f'*{before}'] * 9)}]\n"
+    for before, name in zip("abcdefgh", "bcdefghi", strict=True)
+)
+
+
+def test_alias_bomb_is_refused_at_its_alias_without_hanging(tmp_path):
+    path = tmp_path / "laughs.yaml"
+    path.write_text(LAUGHS)
+    # A subprocess with a timeout: were the bound lost, this test would fail instead of hanging CI.
+    result = subprocess.run(
+        [sys.executable, "-m", "runner.cli", "validate", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])},
+    )
+    assert result.returncode == 2
+    expected = f"{path}:6:8: f[0]: the alias *e expands so that the spec holds more than 100,000 values"
+    assert expected in result.stdout.splitlines()
+    assert "Write the values out, or use fewer aliases." in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"x: " + b"[" * 10_000 + b"]" * 10_000 + b"\n", ":1:103: values nest more than 100 levels deep"),
+        (b"name: x\nx: &a [*a]\n", ":2:8: x[0]: the alias *a is inside its own anchor, so it never ends"),
+        (b"name: x\nx: &a {y: *a}\n", ":2:11: x.y: the alias *a is inside its own anchor, so it never ends"),
+        (b"seed: " + b"9" * 10_000 + b"\n", ":1:7: seed: a number 10,000 characters long"),
+        (b"seed: 1.0e+999999\n", ":1:7: seed: Input should be a finite number (got inf)"),
+        (b"seed: 1e999999\n", ":1:7: seed: Input should be a valid integer, unable to parse string"),
+        (b"name: x\nseed: !!int abc\n", ":2:7: seed: cannot read 'abc' as an integer"),
+        (b"name: 2024-13-45\n", ":1:7: name: cannot read '2024-13-45' as a date (month must be in 1..12)"),
+        (b"name: x\nseed: " + b"y" * 60_000 + b"\n", ":2:7: seed: Input should be a valid integer"),
+        (b"name: a\x01\n", ":1:8: a character that YAML does not allow (U+0001)"),
+        (
+            b"name: x\n" + b"k" * 60_000 + b": 1\n",
+            ":2:60001: invalid YAML: could not find expected ':'",
+        ),
+        (b"name: x\n? " + b"k" * 60_000 + b"\n: 1\n", ":2:3: kkkkkkkkkk"),
+        (b"name: a\n" + b"---\nname: b\n" * 5_000, ":2:1: more than one YAML document"),
+        (b"name: *nope\n", ":1:7: invalid YAML: found undefined alias 'nope'"),
+        (
+            b"name: x\nsteps:\n  - <<: 3\n",
+            ":3:9: steps[0]: a merge key (<<) takes a mapping or a list of mappings",
+        ),
+    ],
+    ids=[
+        "deep-nesting",
+        "alias-in-own-list",
+        "alias-in-own-mapping",
+        "huge-integer",
+        "infinite-float",
+        "1e999999-is-text",
+        "wrong-explicit-tag",
+        "impossible-date",
+        "long-value",
+        "control-character",
+        "long-key",
+        "long-explicit-key",
+        "many-documents",
+        "undefined-alias",
+        "merge-of-a-number",
+    ],
+)
+def test_hostile_files_are_refused_with_a_location(tmp_path, run_cli, content, message):
+    path = tmp_path / "hostile.yaml"
+    path.write_bytes(content)
+    code, out, err = run_cli("validate", path)
+    assert code == 2
+    assert f"{path}{message}" in out
+    assert "Traceback" not in out + err
+    assert max(map(len, out.splitlines())) < 1000  # long values are shortened, not echoed
+
+
+def test_huge_file_is_refused_by_size_before_parsing(tmp_path, run_cli):
+    path = tmp_path / "huge.yaml"
+    path.write_bytes(b"name: x\n" + b"# padding\n" * 5_000_000)  # 50 MB
+    code, out, _ = run_cli("validate", path)
+    assert code == 2
+    assert f"{path}: the file is larger than 64 KiB" in out.splitlines()
+    assert "keep data (prompts, tables) in a file the spec names" in out
+
+
+ALIASED = """
+    name: aliases
+    steps:
+      - id: a
+        analysis: toy
+        params: &params {value: 2.0, n: 3}
+      - id: b
+        analysis: toy
+        params: *params
+      - id: c
+        analysis: toy
+        params: {<<: *params, n: 4}
+"""
+
+
+def test_ordinary_aliases_and_merge_keys_validate(write_spec, run_cli):
+    code, out, _ = run_cli("validate", write_spec(ALIASED))
+    assert code == 0
+    assert "1 valid, 0 invalid" in out
+
+
+def test_errors_through_aliases_point_at_the_anchored_text(write_spec, run_cli):
+    path = write_spec(ALIASED.replace("n: 3", "n: many"))
+    code, out, _ = run_cli("validate", path)
+    assert code == 2
+    for step in (0, 1):
+        assert f"{path}:5:37: steps[{step}].params.n: Input should be a valid integer" in out
+    assert "steps[2].params.n" not in out  # its own `n: 4` overrides the merged one
+
+
 def test_bad_expectation_is_located(write_spec, run_cli):
     path = write_spec(
         GOOD
@@ -247,3 +371,13 @@ def test_unknown_analysis_is_reported_with_other_field_errors(write_spec, run_cl
     assert code == 2
     assert f"{path}:4:15: steps[0].analysis: Unknown analysis 'toyy'" in out
     assert f"{path}:6:7: seed:" in out
+
+
+def test_sweeps_that_multiply_past_the_case_limit_are_refused_before_expanding(tmp_path, run_cli):
+    # 10 ** 7 = ten million cases: expanding them took minutes and gigabytes before being refused.
+    keys = "".join(f"        {key}: [{', '.join(str(i) for i in range(10))}]\n" for key in "abcdefg")
+    spec = tmp_path / "big.yaml"
+    spec.write_text(f"name: big\nsteps:\n  - id: toy\n    analysis: toy\n    sweep:\n      product:\n{keys}")
+    code, out, _ = run_cli("validate", spec)
+    assert code == 2
+    assert f"{spec}:5:5: steps[0].sweep: the sweeps expand into 10,000,000 cases, more than the 10,000" in out
