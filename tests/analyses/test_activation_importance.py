@@ -196,14 +196,14 @@ def test_normalization_matches_seed_readme_example() -> None:
     x = np.array([0.5, -0.3, 0.2])
     np.testing.assert_allclose(normalize(x, "sum_abs")[0], [1.5, -0.9, 0.6], rtol=1e-12)
     np.testing.assert_allclose(normalize(x, "sum")[0], [3.75, -2.25, 1.5], rtol=1e-12)
-    np.testing.assert_array_equal(normalize(x, "none")[0], x)
+    np.testing.assert_array_equal(normalize(x, "none")[0], x)  # no arithmetic: the values as given
 
 
 def test_normalization_by_zero_keeps_raw_values() -> None:
     x = np.array([1.0, -1.0])
     normalized, ok = normalize(x, "sum")
     assert not ok
-    np.testing.assert_array_equal(normalized, x)
+    np.testing.assert_array_equal(normalized, x)  # left as given, no arithmetic
 
 
 def test_signed_power_matches_seed_readme_example() -> None:
@@ -313,6 +313,7 @@ def test_how_to_load_snippet_runs_in_the_data_folder(
     monkeypatch.chdir(tmp_path / "data" / "case")
     namespace: dict[str, Any] = {}
     exec(output.data["metadata.json"]["how_to_load"], namespace)
+    # The file read back: a copy of the array.
     np.testing.assert_array_equal(namespace["values"], output.data["layer_0_mean_abs_gradients.npy"])
     assert namespace["metadata"]["analysis_config"]["site"] == "mlp_post"
 
@@ -373,6 +374,7 @@ def test_power_list_uses_first_value_and_notes_it(loaded: LoadedModel, dataset: 
     listed, ctx = run(loaded, dataset, power="0.5,1.0,2.0")
     single, _ = run(loaded, dataset, power=0.5)
     assert any("using the first one, 0.5" in note for note in ctx.notes)
+    # Bit-exact: two runs with the same settings on one model and dataset are the same computation.
     for key, values in single.data["consolidated_results.npz"].items():
         np.testing.assert_array_equal(listed.data["consolidated_results.npz"][key], values)
 

@@ -118,7 +118,7 @@ def test_json_has_perplexity_ratios_against_the_controls(
     rows = compared.data["cross_model_summary.json"]["models"]
     for row, case in zip(rows, upstream, strict=True):
         ppl, got = case.output.summary["ppl"], row["perplexity"]
-        assert got["baseline"] == ppl["baseline"]
+        assert got["baseline"] == ppl["baseline"]  # copied from the upstream summary
         assert got["ratio_all"] == pytest.approx(ppl["all_zeroed"] / ppl["baseline"])
         for control in ("random_control", "magnitude_control"):
             assert got[f"{control}_ratio"] == pytest.approx(ppl[control] / ppl["baseline"])

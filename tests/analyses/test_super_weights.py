@@ -86,6 +86,7 @@ def state(model: Any) -> dict[str, torch.Tensor]:
 
 def assert_same_state(before: dict[str, torch.Tensor], model: Any) -> None:
     after = model.state_dict()
+    # Bit-exact: `zeroed` writes the saved values back, a copy and not a computation.
     assert all(torch.equal(before[name], after[name]) for name in before)
 
 
@@ -234,6 +235,7 @@ def test_restored_perplexity_equals_baseline_exactly(
     planted: LoadedModel, result: tuple[StepOutput, StepContext]
 ) -> None:
     ppl = result[0].summary["ppl"]
+    # The same computation: one model, its weights written back bit for bit, the same batches.
     assert ppl["restored"] == ppl["baseline"]
     assert ppl["restored_exact"] is True and ppl["weights_restored_exact"] is True
     assert float(planted.model.blocks[LAYER].mlp.W_out.detach()[NEURON, FIRST_ROW]) == 10.0
@@ -259,7 +261,8 @@ def test_controls_are_ordinary_weights_of_the_same_tensor(
         assert len(set(coords)) == 2 and not set(coords) & found
         assert all(layer == LAYER for layer, _, _ in coords)
         for control, (layer, row, col) in zip(controls[group], coords, strict=True):
-            assert control["value"] == float(planted.model.blocks[layer].mlp.W_out.detach()[col, row])
+            weight = float(planted.model.blocks[layer].mlp.W_out.detach()[col, row])
+            assert control["value"] == weight  # read back, not computed
             assert control["ppl"] == pytest.approx(ppl_with(planted, dataset, [(layer, row, col)]), rel=1e-5)
 
 
@@ -275,6 +278,7 @@ def test_random_controls_follow_the_case_seed(planted: LoadedModel, dataset: Tok
 def test_summary_names_the_strongest_weight(result: tuple[StepOutput, StepContext]) -> None:
     summary = result[0].summary
     ratios = [w["ppl_ratio"] for w in summary["weights"]]
+    # Picked from the weights' records: the same numbers, not recomputed.
     assert summary["strongest"]["ppl_ratio"] == max(ratios)
     assert summary["ppl"]["max_single_ratio"] == max(ratios)
     assert summary["n_found"] == 2 and summary["converged"] is True and summary["iterations"] == 3
@@ -373,7 +377,7 @@ def test_hf_view_shares_down_projections_with_the_hooked_model(llama: LoadedMode
     view = hf_llama_view(llama.model)
     down = view.model.layers[1].mlp.down_proj.weight
     original = float(down[3, 4])
-    assert original == float(llama.model.blocks[1].mlp.W_out.detach()[4, 3])
+    assert original == float(llama.model.blocks[1].mlp.W_out.detach()[4, 3])  # one storage: the same value
     with zeroed(llama.model, [SuperWeight(1, 3, 4)]):
         assert float(down[3, 4]) == 0.0
     assert float(down[3, 4]) == original

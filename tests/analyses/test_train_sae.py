@@ -176,6 +176,7 @@ def test_a_later_step_loads_the_trained_sae(
     ctx = context(tiny_model, data, finished=lambda step_id: [case])
     [loaded] = load_saes(ctx, SAESource(from_step="train"), layers=None, site=None, where="test")
     assert loaded.hook_name == HOOK
+    # Loaded from the step's own tensors: a copy.
     assert torch.equal(loaded.sae.W_dec, trained.data["sae_weights.safetensors"]["W_dec"].float())
 
 

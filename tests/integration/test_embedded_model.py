@@ -77,5 +77,7 @@ def test_second_load_uses_the_weight_cache(embedded):
     assert "via weight cache" in again.source
     assert again.info["cache_entry"] == embedded.info["cache_entry"]
     tokens = embedded.model.to_tokens(_english_text())
+    # Bit-exact: both models are read from the same cache entry (a first load reads back what it
+    # wrote), so the same weights run the same forward.
     with torch.no_grad():
         assert torch.equal(again.model(tokens), embedded.model(tokens))

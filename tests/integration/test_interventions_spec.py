@@ -14,6 +14,9 @@ from runner import models, saes
 
 SPECS = Path(__file__).resolve().parents[2] / "specs"
 
+# identity_max_abs is exactly 0 on the fast path, which skips alpha-1 rows; the loop compares a hooked
+# forward (its hook adds an exact 0) with the clean one, on other kernels: 0 to float32 rounding, 4 ulps
+# at |log p| < 16 (4e-6).
 TRAIN_THEN_INTERVENE = """
 name: tiny-sae
 seed: 3
@@ -43,7 +46,7 @@ steps:
 expectations:
   - step: interventions
     name: alpha 1 is the clean model
-    that: "identity_max_abs == 0"
+    that: "identity_max_abs == 0 or (method == 'loop' and identity_max_abs < 4e-6)"
   - step: train
     that: "l0 > 0 and dead_fraction_train < 1"
 """
@@ -78,8 +81,13 @@ def test_trained_sae_feeds_interventions_and_both_methods_agree(
     fast = pd.read_csv(folder / "data" / "interventions[method=fast]" / "per_feature_metrics.csv")
     loop = pd.read_csv(folder / "data" / "interventions[method=loop]" / "per_feature_metrics.csv")
     assert len(fast) == 3 * 4 and list(fast.hook.unique()) == ["blocks.0.hook_resid_post"]  # alpha 2 added
-    for column in ("delta_loss", "kl", "firing_fraction", "fraction_affected"):
+    # Other kernels: Δloss and KL agree to float32 rounding (1e-5: 20 ulps at |log p| < 8). Firing
+    # positions come from the same clean pass; top-1 changes agree exactly, as no top-1 token of this
+    # data lies within 64 float32 ulps of a tie (see `near_ties` in tests/analyses/test_sae_interventions.py).
+    for column in ("delta_loss", "kl"):
         assert (fast[column] - loop[column]).abs().max() < 1e-5, column
+    for column in ("firing_fraction", "fraction_affected"):
+        assert fast[column].tolist() == loop[column].tolist(), column
     assert (folder / "plots" / "interventions[method=fast]" / "layer_vs_dloss_alpha2.png").exists()
     report = (folder / "report.md").read_text()
     assert "### SAE training: `blocks.1.hook_resid_pre`" in report
@@ -161,4 +169,4 @@ def test_embedded_interventions_spec_runs_offline(run_cli, tmp_path: Path) -> No
     assert set(table.alpha) == {0.0, 0.5, 1.0, 2.0, 4.0}
     assert table.feature.drop_duplicates().tolist() == features.feature.tolist()
     assert table.label.drop_duplicates().tolist() == features.label.tolist()
-    assert (table[table.alpha == 1.0][["delta_loss", "kl"]] == 0).all().all()
+    assert (table[table.alpha == 1.0][["delta_loss", "kl"]] == 0).all().all()  # fast path: rows skipped

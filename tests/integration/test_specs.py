@@ -47,6 +47,7 @@ def test_quickstart_runs_offline_and_writes_what_a_user_opens(run_cli, tmp_path)
         layer = consolidated["layer_29_mean_abs"]
         assert layer.shape == (1536,)
         assert np.isclose(np.abs(layer).sum(), 1536)  # sum_abs normalization
+        # One array written to two files: equal bit for bit.
         assert np.array_equal(np.load(data / "layer_29_mean_abs_gradients.npy"), layer)
         assert (folder / "plots" / case / "importance_by_layer.png").exists()
     report = (folder / "report.html").read_text()

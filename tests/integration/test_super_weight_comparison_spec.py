@@ -159,7 +159,7 @@ def test_two_models_are_compared_through_the_cli(
         assert [[w["layer"], w["row"], w["col"]] for w in row["super_weights"]] == [
             [w["layer"], w["row"], w["col"]] for w in up["weights"]
         ]
-        assert row["perplexity"]["baseline"] == up["ppl"]["baseline"]
+        assert row["perplexity"]["baseline"] == up["ppl"]["baseline"]  # copied from the upstream case
         assert row["perplexity"]["ratio_all"] == pytest.approx(
             up["ppl"]["all_zeroed"] / up["ppl"]["baseline"]
         )

@@ -118,6 +118,8 @@ def test_gguf_second_load_comes_from_cache_with_identical_logits(tiny_gguf, tiny
     assert "via weight cache" in second.source
     assert Path(second.info["cache_entry"]).parent == tmp_path / "models"
     tokens = _tokens(tiny_tokenizer)
+    # Bit-exact: both models are built from the same cached file (the first load reads back what it
+    # wrote), so the same weights run the same forward on the same tokens.
     assert torch.equal(_tl_logits(first.model, tokens), _tl_logits(second.model, tokens))
 
 
@@ -129,6 +131,8 @@ def test_corrupt_cache_is_rebuilt_with_a_note(tiny_gguf, tiny_tokenizer, tmp_pat
     assert rebuilt.info["from_cache"] is False
     assert "rebuilt" in rebuilt.info["cache_note"]
     tokens = _tokens(tiny_tokenizer)
+    # Bit-exact: the rebuilt entry holds the same converted weights (a copy of the GGUF's float32
+    # tensors), read back as the first load read its own: the same forward.
     assert torch.equal(_tl_logits(first.model, tokens), _tl_logits(rebuilt.model, tokens))
     assert load_model(str(tiny_gguf), cache_dir=tmp_path).info["from_cache"] is True
 

@@ -78,6 +78,7 @@ def test_resid_post_and_next_resid_pre_are_twins() -> None:
 def test_twin_hooks_hold_the_same_tensor(tiny_model: LoadedModel) -> None:
     tokens = torch.randint(0, tiny_model.model.cfg.d_vocab, (2, 8))
     _, cache = tiny_model.model.run_with_cache(tokens)
+    # One tensor seen by two hooks, not two computations.
     assert torch.equal(cache["blocks.0.hook_resid_post"], cache["blocks.1.hook_resid_pre"])
 
 
@@ -250,6 +251,7 @@ def test_step_saes_are_matched_to_requested_layers(tiny_model: LoadedModel) -> N
     ctx = context(tiny_model, finished=finished_cases("blocks.0.hook_resid_post", "blocks.1.hook_resid_post"))
     [loaded] = load(ctx, layers=(1,), from_step="train")
     assert loaded.sae_hook == "blocks.1.hook_resid_post"
+    # The step's weights, copied; `make_sae` with the same seed draws the same numbers again.
     assert torch.equal(loaded.sae.W_dec, make_sae("blocks.1.hook_resid_post", seed=1).W_dec)
 
 

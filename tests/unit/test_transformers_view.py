@@ -227,7 +227,8 @@ def test_zeroing_a_weight_in_the_hooked_model_changes_the_view_identically(
     assert (expected - before).abs().max() > 1e-4  # the edit matters
     assert torch.allclose(edited_view, expected, atol=1e-5)
     assert torch.allclose(edited_hooked, expected, atol=1e-4)
-    assert torch.equal(logits(view, batch), before)  # restored with the HookedTransformer
+    # Restored with the HookedTransformer, bit for bit: the same forward on the same batch as `before`.
+    assert torch.equal(logits(view, batch), before)
 
 
 @pytest.mark.parametrize("case", ALL, indirect=True)
