@@ -129,6 +129,22 @@ class StepResult(BaseModel):
         """The JSON form with arrays shown as ``{"shape": ..., "dtype": ...}``: what expectations read."""
         return dict(json.loads(self.model_dump_json()))
 
+    def __eq__(self, other: object) -> bool:
+        """Equal type, equal JSON form, and arrays equal in dtype, shape and every element."""
+        if type(other) is not type(self):
+            return NotImplemented
+        assert isinstance(other, StepResult)
+        (mine, my_arrays), (theirs, their_arrays) = dump_result(self), dump_result(other)
+        return mine == theirs and all(_same_array(my_arrays[k], their_arrays[k]) for k in my_arrays)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable arrays inside
+
+
+def _same_array(a: Any, b: Any) -> bool:
+    import numpy as np
+
+    return bool(a.dtype == b.dtype and np.array_equal(a, b, equal_nan=a.dtype.kind in "fc"))
+
 
 def dump_result(result: StepResult) -> tuple[dict[str, Any], dict[str, Any]]:
     """``result`` as (JSON-able dict, arrays by key); :func:`load_result` inverts it exactly."""

@@ -14,10 +14,16 @@ import torch
 from matplotlib.figure import Figure
 from pydantic import ValidationError
 
-from analyses._tensors import hook_name, normalize, signed_power
-from analyses.activation_importance import ActivationImportanceParams, activation_importance
-from runner.artifacts import RunFolder, to_jsonable
+from analyses._tensors import normalize, signed_power
+from analyses.activation_importance import (
+    ActivationImportanceParams,
+    ActivationImportanceResult,
+    activation_importance,
+)
+from runner.artifacts import RunFolder
 from runner.datasets import TokenDataset
+from runner.hooks import hook_name
+from runner.results import result_bytes, result_from_files, to_jsonable
 from runner.errors import ResourceError
 from runner.models import LoadedModel
 from runner.step import StepContext, StepOutput
@@ -353,18 +359,37 @@ def test_summary_peak_is_largest_abs_value_of_first_variant(
     loaded: LoadedModel, dataset: TokenDataset
 ) -> None:
     output, _ = run(loaded, dataset, aggregation_mode="both", normalization="none", top_k=4)
-    summary = output.summary
-    assert summary["variants"] == ["mean_abs", "mean"]
+    result = output.result
+    assert isinstance(result, ActivationImportanceResult)
+    assert result.variants == ["mean_abs", "mean"]
     arrays = output.data["consolidated_results.npz"]
     best = max((abs(arrays[f"layer_{layer}_mean_abs"]).max(), layer) for layer in range(loaded.n_layers))
-    assert summary["peak"]["layer"] == best[1]
-    assert summary["peak"]["value"] == pytest.approx(best[0])
-    assert summary["layers"][best[1]]["mean_abs"]["top"][0] == [
-        summary["peak"]["dim"],
-        summary["peak"]["value"],
-    ]
-    assert len(summary["layers"][0]["mean"]["top"]) == 4
-    json.dumps(to_jsonable(summary), allow_nan=False)
+    assert result.peak.layer == best[1]
+    assert result.peak.value == pytest.approx(best[0])
+    assert result.layers[best[1]]["mean_abs"]["top"][0] == [result.peak.dim, result.peak.value]
+    assert len(result.layers[0]["mean"]["top"]) == 4
+    # What expectations read: JSON, so layer keys are strings there ("layers[0]" finds "0").
+    assert output.summary["layers"]["0"]["mean"]["top"] == result.layers[0]["mean"]["top"]
+    json.dumps(output.summary, allow_nan=False)
+
+
+def test_result_carries_the_importance_vectors_through_its_files(
+    loaded: LoadedModel, dataset: TokenDataset
+) -> None:
+    output, _ = run(loaded, dataset, aggregation_mode="both", normalization="none")
+    arrays = output.data["consolidated_results.npz"]
+    reloaded = result_from_files(ActivationImportanceResult, *result_bytes(output.result))
+    assert reloaded == output.result
+    for layer in range(loaded.n_layers):
+        for variant in ("mean", "mean_abs"):
+            # The same float64 array, written to NPZ and read back: bit-exact.
+            np.testing.assert_array_equal(
+                reloaded.importance[layer][variant], arrays[f"layer_{layer}_{variant}"]
+            )
+    assert output.summary["importance"]["0"]["mean"] == {
+        "shape": [loaded.model.cfg.d_mlp],
+        "dtype": "float64",
+    }
 
 
 # --- parameters -----------------------------------------------------------------------------------
@@ -381,7 +406,9 @@ def test_power_list_uses_first_value_and_notes_it(loaded: LoadedModel, dataset: 
 
 def test_layers_beyond_model_name_the_valid_range(loaded: LoadedModel, dataset: TokenDataset) -> None:
     n = loaded.n_layers
-    with pytest.raises(ResourceError, match=rf"layers \[{n}, {n + 1}\].*valid layers: 0-{n - 1}"):
+    with pytest.raises(
+        ResourceError, match=rf"layers \[{n}, {n + 1}\] do not exist .* has {n} layers \(0-{n - 1}\)"
+    ):
         run(loaded, dataset, layers=f"0,{n},{n + 1}")
 
 

@@ -9,12 +9,13 @@ from typing import Any
 import pytest
 import torch
 
-from analyses.train_sae import TrainSaeParams, train_sae
+from analyses.train_sae import TrainSaeParams, TrainSaeResult, train_sae
 from runner.artifacts import RunFolder
 from runner.datasets import TokenDataset
 from runner.errors import ResourceError
 from runner.models import LoadedModel
-from runner.saes import SAESource, load_saes
+from runner.results import result_bytes, result_from_files
+from runner.saes import SAESource
 from runner.step import FinishedCase, StepContext, StepOutput
 
 BOS = 1
@@ -29,10 +30,7 @@ def dataset(loaded: LoadedModel, n: int = 20, length: int = 16) -> TokenDataset:
 
 
 def context(loaded: LoadedModel, data: TokenDataset, finished: Any = None) -> StepContext:
-    resources = {"model": loaded, "dataset": data}
-    return StepContext(
-        case_id="train", seed=0, device="cpu", resources=resources.__getitem__, finished=finished
-    )
+    return StepContext.standalone(model=loaded, dataset=data, case_id="train", finished=finished)
 
 
 def train(loaded: LoadedModel, data: TokenDataset, **params: Any) -> StepOutput:
@@ -172,12 +170,29 @@ def test_standard_sae_trains_with_an_l1_penalty(tiny_model: LoadedModel, data: T
 def test_a_later_step_loads_the_trained_sae(
     trained: StepOutput, tiny_model: LoadedModel, data: TokenDataset
 ) -> None:
-    case = FinishedCase("train", "train", None, "tiny", trained)
-    ctx = context(tiny_model, data, finished=lambda step_id: [case])
-    [loaded] = load_saes(ctx, SAESource(from_step="train"), layers=None, site=None, where="test")
+    # As in a run: the later step gets the result reloaded from its JSON and NPZ files.
+    reloaded = result_from_files(TrainSaeResult, *result_bytes(trained.result))
+    case = FinishedCase("train", "train", "train_sae", None, "tiny", reloaded)
+    ctx = context(tiny_model, data, finished={"train": [case]})
+    [loaded] = ctx.saes(SAESource(from_step="train"), layers=None, site=None, where="test")
     assert loaded.hook_name == HOOK
-    # Loaded from the step's own tensors: a copy.
+    # Loaded from the step's own tensors, through the files: a copy.
     assert torch.equal(loaded.sae.W_dec, trained.data["sae_weights.safetensors"]["W_dec"].float())
+
+
+def test_a_step_that_trains_no_sae_cannot_feed_an_sae_analysis(
+    trained: StepOutput, tiny_model: LoadedModel, data: TokenDataset
+) -> None:
+    from runner.errors import RunnerError
+    from runner.results import StepResult
+
+    class Other(StepResult):
+        x: int
+
+    case = FinishedCase("detect", "detect", "super_weights", None, "tiny", Other(x=1))
+    ctx = context(tiny_model, data, finished={"detect": [case]})
+    with pytest.raises(RunnerError, match="reads step 'detect' as TrainedSAE, but that step runs analysis"):
+        ctx.saes(SAESource(from_step="detect"), layers=None, site=None, where="test")
 
 
 def test_layer_beyond_the_model_is_refused(tiny_model: LoadedModel, data: TokenDataset) -> None:

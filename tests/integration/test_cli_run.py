@@ -52,6 +52,22 @@ def test_run_writes_a_complete_run_folder(write_spec, run_cli, tmp_path):
     assert (folder / "plots" / "toy[value=2.0]" / "squares.png").read_bytes()[:4] == b"\x89PNG"
     assert "toy[value=2.0]" in (folder / "report.md").read_text()
     assert "data:image/png;base64," in (folder / "report.html").read_text()
+    assert f"report: {folder.relative_to(tmp_path) / 'report.html'}" in out
+
+
+def test_each_case_result_is_stored_as_json_and_npz_and_is_its_summary(write_spec, run_cli, tmp_path):
+    run_cli("run", write_spec(TOY_SPEC))
+    folder = only_run_folder(tmp_path, "toy-run")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    case = manifest["cases"]["toy[value=2.0]"]
+    assert case["result_files"] == ["results/toy[value=2.0].json", "results/toy[value=2.0].npz"]
+    stored = json.loads((folder / "results" / "toy[value=2.0].json").read_text())
+    assert stored["squares"] == [0.0, 2.0, 8.0, 18.0] and stored["layers"] == {"0": {"max": 18.0}}
+    assert stored["array"] == {"$array": "a0", "shape": [4], "dtype": "float64"}
+    with np.load(folder / "results" / "toy[value=2.0].npz") as arrays:
+        assert arrays["a0"].tolist() == [0.0, 2.0, 8.0, 18.0]
+    # The summary (what expectations read, and the manifest shows) is the result without its arrays.
+    assert case["summary"] == {**stored, "array": {"shape": [4], "dtype": "float64"}}
 
 
 def test_summary_line_reads_like_pytest(write_spec, run_cli):
@@ -200,9 +216,33 @@ def test_later_step_reads_earlier_step_outputs(write_spec, run_cli, tmp_path):
         expectations:
           - step: total
             that: "total == 4.0 and cases == ['first[value=1.0]', 'first[value=3.0]']"
+          - step: total
+            name: arrays come back from the earlier cases' NPZ files
+            that: "array_sum == (0 + 1 + 4) * 1.0 + (0 + 1 + 4) * 3.0"
     """)
     code, out, _ = run_cli("run", spec, "-q")
     assert code == 0, out
+
+
+def test_a_step_read_as_the_wrong_result_type_is_a_case_error_naming_both(write_spec, run_cli):
+    spec = write_spec("""
+        name: chained
+        steps:
+          - id: squares
+            analysis: toy
+          - id: first
+            analysis: toy_total
+            params: {source: squares}
+          - id: total
+            analysis: toy_total
+            params: {source: first}
+    """)
+    code, out, _ = run_cli("run", spec, "-q")
+    assert code == 1
+    assert (
+        "Case total reads step 'first' as ToyResult, but that step runs analysis 'toy_total', whose result "
+        "is ToyTotalResult." in out
+    )
 
 
 def test_missing_upstream_step_is_a_case_error(write_spec, run_cli):

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runner import models
+from runner.models import hub
 
 SPECS = Path(__file__).resolve().parents[2] / "specs"
 
@@ -20,8 +20,8 @@ def test_committed_specs_validate(run_cli):
 
 
 def test_seed_default_spec_fails_fast_offline(run_cli, monkeypatch, tmp_path):
-    monkeypatch.setattr(models, "hub_reachable", lambda *a, **k: False)
-    monkeypatch.setattr(models, "_in_hf_cache", lambda repo_id: False)
+    monkeypatch.setattr(hub, "hub_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(hub, "in_hf_cache", lambda repo_id: False)
     start = time.perf_counter()
     code, out, err = run_cli("run", SPECS / "layer_gradient_qwen.yaml", "--output-dir", tmp_path / "runs")
     assert code == 2

@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 from pydantic import BaseModel, ConfigDict
 
-from runner.artifacts import RunFolder, to_jsonable
+from runner.artifacts import RunFolder
+from runner.results import to_jsonable
 from runner.errors import RunnerError
 from runner.params import parse_indices
 from runner.registry import Registry, analysis
 from runner.reports import fmt
+from runner.results import StepResult
 
 
 @pytest.mark.parametrize(
@@ -70,7 +72,7 @@ def test_analysis_with_loose_params_fails_at_decoration_naming_the_definition():
         """Doc."""
 
     with pytest.raises(RunnerError, match=r"Analysis 'bad' defined at .*bad is malformed: .*extra='forbid'"):
-        analysis("bad", params=LooseParams)(bad)
+        analysis("bad", params=LooseParams, result=StepResult)(bad)
 
 
 def test_analysis_with_wrong_signature_fails_at_decoration():
@@ -81,7 +83,29 @@ def test_analysis_with_wrong_signature_fails_at_decoration():
         """Doc."""
 
     with pytest.raises(RunnerError, match=r"signature must be \(ctx, params\)"):
-        analysis("wrong", params=P)(wrong)
+        analysis("wrong", params=P, result=StepResult)(wrong)
+
+
+def test_analysis_whose_result_is_no_step_result_fails_at_decoration():
+    class P(BaseModel):
+        model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def plain(ctx, params):
+        """Doc."""
+
+    with pytest.raises(RunnerError, match=r"result= must be a runner\.results\.StepResult subclass"):
+        analysis("plain", params=P, result=dict)(plain)  # type: ignore[arg-type]
+
+
+def test_analysis_that_needs_saes_must_take_an_sae_param():
+    class P(BaseModel):
+        model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def edit(ctx, params):
+        """Doc."""
+
+    with pytest.raises(RunnerError, match=r"needs 'saes' but its params have no `sae` field"):
+        analysis("edit", params=P, result=StepResult, needs=("model", "saes"))(edit)
 
 
 def test_npz_refuses_object_arrays(tmp_path):

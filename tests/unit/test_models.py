@@ -15,7 +15,9 @@ from runner import models
 from runner.errors import ResourceError
 from runner.models import (
     describe_model,
+    gguf,
     hooked_llama_from_hf,
+    hub,
     load_model,
     require_hooks,
     resolve_device,
@@ -104,7 +106,7 @@ def test_gguf_first_load_converts_and_matches_transformers(tiny_gguf, tiny_llama
     loaded = load_model(str(tiny_gguf), cache_dir=tmp_path)
     assert loaded.info["kind"] == "gguf-file"
     assert loaded.info["from_cache"] is False
-    assert loaded.info["sha256"] == models._file_sha256(tiny_gguf)
+    assert loaded.info["sha256"] == gguf.file_sha256(tiny_gguf)
     tokens = _tokens(tiny_tokenizer)
     assert loaded.tokenizer(TEXT)["input_ids"] == tokens[0].tolist()
     diff = (_tl_logits(loaded.model, tokens) - _hf_logits(tiny_llama, tokens)).abs().max().item()
@@ -152,7 +154,7 @@ def test_interrupted_cache_write_leaves_no_entry(tiny_gguf, tmp_path, monkeypatc
 
 
 def test_stale_temporary_cache_dirs_are_removed(tiny_gguf, tmp_path):
-    entry_name = f"tiny-llama.f32-{models._file_sha256(tiny_gguf)[:12]}"
+    entry_name = f"tiny-llama.f32-{gguf.file_sha256(tiny_gguf)[:12]}"
     stale = tmp_path / "models" / f".{entry_name}.tmp-killed"
     stale.mkdir(parents=True)
     os.utime(stale, (time.time() - 7200, time.time() - 7200))  # left by a process killed 2 h ago
@@ -273,8 +275,8 @@ def test_missing_embedded_package_says_how_to_install(monkeypatch):
 
 
 def test_hub_model_fails_fast_when_offline(monkeypatch):
-    monkeypatch.setattr(models, "hub_reachable", lambda timeout=3.0: False)
-    monkeypatch.setattr(models, "_in_hf_cache", lambda repo_id: False)
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(hub, "in_hf_cache", lambda repo_id: False)
     started = time.perf_counter()
     with pytest.raises(ResourceError) as error:
         load_model("gpt2-small")
@@ -300,8 +302,8 @@ def test_cached_hub_model_loads_in_offline_mode_and_wraps_errors(monkeypatch):
         seen.update(name=name, offline=constants.HF_HUB_OFFLINE, fold_ln=kwargs["fold_ln"])
         raise OSError("config.json: file is corrupt")
 
-    monkeypatch.setattr(models, "hub_reachable", lambda timeout=3.0: False)
-    monkeypatch.setattr(models, "_in_hf_cache", lambda repo_id: True)
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(hub, "in_hf_cache", lambda repo_id: True)
     monkeypatch.setattr(HookedTransformer, "from_pretrained", fake_from_pretrained)
     before = constants.HF_HUB_OFFLINE
     with pytest.raises(ResourceError, match="file is corrupt") as error:

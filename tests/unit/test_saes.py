@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -10,12 +11,15 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from runner import saes as saes_module
 from runner.datasets import TokenDataset
 from runner.errors import ResourceError
+from runner.hooks import equivalent_hooks, hook_name, parse_hook
 from runner.models import LoadedModel
-from runner.saes import SAESource, equivalent_hooks, load_saes, parse_hook, sae_hook_name
-from runner.step import FinishedCase, StepContext, StepOutput
+from runner.results import StepResult
+from runner.saes import SAESource, TrainedSAE, known_releases, release_names, shipped_saes
+from runner.saes import loading as saes_module
+from runner.saes.loading import load_saes
+from runner.step import FinishedCase, StepContext
 
 
 def make_sae(hook: str | None, d_in: int = 32, d_sae: int = 16, seed: int = 0) -> Any:
@@ -34,14 +38,8 @@ def save_sae(directory: Path, hook: str | None, **kwargs: Any) -> Path:
 
 def context(loaded: LoadedModel, spec_dir: Path | None = None, finished: Any = None) -> StepContext:
     dataset = TokenDataset("random", torch.zeros((1, 4), dtype=torch.long), "x")
-    resources = {"model": loaded, "dataset": dataset}
-    return StepContext(
-        case_id="case[x]",
-        seed=0,
-        device="cpu",
-        resources=resources.__getitem__,
-        finished=finished,
-        spec_dir=spec_dir,
+    return StepContext.standalone(
+        model=loaded, dataset=dataset, case_id="case[x]", finished=finished, spec_dir=spec_dir
     )
 
 
@@ -86,7 +84,7 @@ def test_twin_hooks_hold_the_same_tensor(tiny_model: LoadedModel) -> None:
 
 
 def test_source_needs_exactly_one_kind() -> None:
-    with pytest.raises(ValidationError, match="exactly one of `release`"):
+    with pytest.raises(ValidationError, match=r"exactly one of `name` \(shipped with runner\), `release`"):
         SAESource()
     with pytest.raises(ValidationError, match="got release, path"):
         SAESource(release="gpt2-small-res-jb", path="saes/x")
@@ -238,13 +236,13 @@ def test_sae_is_loaded_once_per_run(
 # --- SAEs trained by an earlier step ---------------------------------------------------------------
 
 
-def finished_cases(*hooks: str) -> Any:
-    cases = []
+def finished_cases(*hooks: str) -> dict[str, list[FinishedCase[Any]]]:
+    cases: list[FinishedCase[Any]] = []
     for i, hook in enumerate(hooks):
         sae = make_sae(hook, seed=i)
-        data = {"cfg.json": sae.cfg.to_dict(), "sae_weights.safetensors": sae.state_dict()}
-        cases.append(FinishedCase(f"train[layer={i}]", "train", None, "tiny", StepOutput(data=data)))
-    return lambda step_id: cases if step_id == "train" else []
+        trained = TrainedSAE(sae_hook=hook, sae_cfg=sae.cfg.to_dict(), sae_weights=sae.state_dict())
+        cases.append(FinishedCase(f"train[layer={i}]", "train", "train_sae", None, "tiny", trained))
+    return {"train": cases}
 
 
 def test_step_saes_are_matched_to_requested_layers(tiny_model: LoadedModel) -> None:
@@ -270,11 +268,17 @@ def test_step_without_the_layer_lists_what_it_trained(tiny_model: LoadedModel) -
 
 
 def test_step_that_made_no_sae_is_named(tiny_model: LoadedModel) -> None:
-    cases = [FinishedCase("other", "other", None, "tiny", StepOutput(data={"x.csv": []}))]
-    ctx = context(tiny_model, finished=lambda step_id: cases)
+    from runner.errors import RunnerError
+
+    class Counts(StepResult):
+        n: int
+
+    cases = [FinishedCase("other", "other", "counting", None, "tiny", Counts(n=3))]
+    ctx = context(tiny_model, finished={"other": cases})
     with pytest.raises(
-        ResourceError,
-        match=r"step 'other' \(case other\) produced no SAE (?s:.*)must name a `train_sae` step",
+        RunnerError,
+        match=r"reads step 'other' as TrainedSAE, but that step runs analysis 'counting', whose result is "
+        r"Counts(?s:.*)Point it at a step of the analysis that makes TrainedSAE",
     ):
         load(ctx, from_step="other")
 
@@ -292,9 +296,9 @@ def test_missing_step_says_to_list_it_first(tiny_model: LoadedModel) -> None:
 def test_release_offline_fails_fast_with_offline_alternatives(
     tiny_model: LoadedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from runner import models
+    from runner.models import hub
 
-    monkeypatch.setattr(models, "hub_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(hub, "hub_reachable", lambda *a, **k: False)
     monkeypatch.setattr(saes_module, "_release_cached", lambda repo_id, folder: False)
     start = time.perf_counter()
     with pytest.raises(ResourceError) as info:
@@ -305,11 +309,11 @@ def test_release_offline_fails_fast_with_offline_alternatives(
         "Cannot load SAE 'blocks.1.hook_resid_pre' of SAELens release 'gpt2-small-res-jb'"
     )
     assert "jbloom/GPT2-Small-SAEs-Reformatted" in message
-    assert "sae: {path: ../saes/smollm2-135m/blocks.12.hook_resid_post}" in message
+    assert "sae: {name: smollm2-135m/blocks.12.hook_resid_post}" in message
 
 
 def test_release_resid_post_uses_next_layer_resid_pre_and_last_layer_resid_post() -> None:
-    entry = saes_module.known_releases()["gpt2-small-res-jb"]
+    entry = known_releases()["gpt2-small-res-jb"]
     ids = [str(item["id"]) for item in entry["saes"]]
     pairs = saes_module._match(ids, tuple(range(12)), "resid_post", 12)
     assert pairs[0] == ("blocks.0.hook_resid_post", "blocks.1.hook_resid_pre")
@@ -335,4 +339,32 @@ def test_release_id_template_must_name_existing_ids(tiny_model: LoadedModel) -> 
 
 
 def test_hook_name_template() -> None:
-    assert sae_hook_name("mlp_post", 4) == "blocks.4.mlp.hook_post"
+    assert hook_name("mlp_post", 4) == "blocks.4.mlp.hook_post"
+
+
+def test_release_names_are_the_top_level_keys_of_saelens_list() -> None:
+    # Scanned from the text (milliseconds) rather than built as Python objects (seconds).
+    assert release_names() == frozenset(known_releases())
+    assert "gpt2-small-res-jb" in release_names()
+
+
+# --- SAEs runner ships -----------------------------------------------------------------------------
+
+
+def test_shipped_sae_is_found_by_name_and_pinned_by_its_hashes() -> None:
+    import hashlib
+
+    assert shipped_saes() == ["smollm2-135m/blocks.12.hook_resid_post"]
+    directory = saes_module.shipped_sae_dir("smollm2-135m/blocks.12.hook_resid_post")
+    assert (directory / "cfg.json").is_file() and (directory / "README.md").is_file()
+    expected = hashlib.sha256((directory / "sae_weights.safetensors").read_bytes()).hexdigest()
+    assert saes_module._hashes(directory)["sae_weights.safetensors"] == expected
+
+
+def test_unknown_shipped_name_suggests_the_shipped_ones() -> None:
+    with pytest.raises(ValidationError, match=r"runner ships no SAE named 'smollm2-135m/blocks\.12'\."):
+        SAESource(name="smollm2-135m/blocks.12")
+    with pytest.raises(
+        ValidationError, match=re.escape("Did you mean 'smollm2-135m/blocks.12.hook_resid_post'")
+    ):
+        SAESource(name="smollm2-135m/blocks.12.hook_resid_pots")

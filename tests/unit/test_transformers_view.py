@@ -1,4 +1,4 @@
-"""LoadedModel.transformers_view: the same model as a transformers model, sharing the down projections.
+"""transformers_view(loaded): the same model as a transformers model, sharing the down projections.
 
 Models named by Hugging Face id are loaded the way runner loads them, through TransformerLens, from
 a local Hugging Face cache made in the test: tiny random checkpoints saved under the real repository
@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import torch
 
+from analyses._transformers_view import transformers_view
 from analyses._weights import SuperWeight, zeroed
 from runner.errors import ResourceError
 from runner.models import LoadedModel, hooked_llama_from_hf, load_model
@@ -209,7 +210,7 @@ def test_view_computes_the_same_logits_as_the_hooked_model_and_the_checkpoint(
 ) -> None:
     loaded, original = case
     batch = tokens()
-    view = logits(loaded.transformers_view(), batch)
+    view = logits(transformers_view(loaded), batch)
     assert torch.allclose(view, logits(loaded.model, batch), atol=1e-4)
     assert torch.allclose(view, logits(original, batch), atol=1e-4)
 
@@ -219,7 +220,7 @@ def test_zeroing_a_weight_in_the_hooked_model_changes_the_view_identically(
     case: tuple[LoadedModel, Any],
 ) -> None:
     loaded, original = case
-    view, batch, weight = loaded.transformers_view(), tokens(), largest_weight(loaded, layer=1)
+    view, batch, weight = transformers_view(loaded), tokens(), largest_weight(loaded, layer=1)
     before = logits(view, batch)
     expected = logits(zero_by_hand(original, weight), batch)
     with zeroed(loaded.model, [weight]):
@@ -234,7 +235,7 @@ def test_zeroing_a_weight_in_the_hooked_model_changes_the_view_identically(
 @pytest.mark.parametrize("case", ALL, indirect=True)
 def test_view_down_projections_are_the_w_out_storage(case: tuple[LoadedModel, Any]) -> None:
     loaded, _ = case
-    view = loaded.transformers_view()
+    view = transformers_view(loaded)
     shared = {p.untyped_storage().data_ptr() for p in view.parameters()}
     for block in loaded.model.blocks:
         assert block.mlp.W_out.untyped_storage().data_ptr() in shared
@@ -242,7 +243,7 @@ def test_view_down_projections_are_the_w_out_storage(case: tuple[LoadedModel, An
 
 def test_view_is_built_once_per_loaded_model(hub_models: dict[str, LoadedModel]) -> None:
     loaded = hub_models["gpt2-small"]
-    assert loaded.transformers_view() is loaded.transformers_view()
+    assert transformers_view(loaded) is transformers_view(loaded)
 
 
 def test_view_of_a_model_missing_from_the_cache_is_not_downloaded(
@@ -252,7 +253,7 @@ def test_view_of_a_model_missing_from_the_cache_is_not_downloaded(
     original = hub_models["gpt2-small"]
     loaded = LoadedModel(original.name, original.model, original.tokenizer, original.source, original.info)
     with pytest.raises(ResourceError, match=r"gpt2 is not in the local Hugging Face cache"):
-        loaded.transformers_view()
+        transformers_view(loaded)
 
 
 def test_view_that_computes_other_logits_is_refused(hub_models: dict[str, LoadedModel]) -> None:
@@ -262,7 +263,7 @@ def test_view_that_computes_other_logits_is_refused(hub_models: dict[str, Loaded
         model.unembed.W_U[:, 5] += 1.0  # not shared with the view, so the two now disagree
     loaded = LoadedModel(original.name, model, original.tokenizer, original.source, original.info)
     with pytest.raises(ResourceError, match=r"does not compute the same logits") as error:
-        loaded.transformers_view()
+        transformers_view(loaded)
     found = re.search(r"differ by up to ([\d.e+-]+) \(allowed: ([\d.e+-]+)", str(error.value))
     assert found is not None and float(found[1]) > 1 > 100 * float(found[2])
 
@@ -276,12 +277,12 @@ def test_view_of_other_weights_than_the_checkpoint_is_refused(hub_models: dict[s
     with pytest.raises(
         ResourceError, match=r"layer 1's MLP down projection: .*model\.layers\.1\.mlp\.down_proj"
     ):
-        loaded.transformers_view()
+        transformers_view(loaded)
 
 
 def test_model_without_checkpoint_and_not_llama_has_no_view(tiny_model: LoadedModel) -> None:
     with pytest.raises(ResourceError, match=r"'tiny' .*only Llama-architecture models"):
-        tiny_model.transformers_view()
+        transformers_view(tiny_model)
 
 
 def test_checkpoint_dir_whose_path_says_llama_gets_a_clear_error(
