@@ -192,11 +192,31 @@ def _show(args: argparse.Namespace, out: Console) -> int:
 
     item = ANALYSES.get(args.name)
     out.print(f"[bold]{item.name}[/bold] — {escape(item.summary)}\n")
+    out.print("[bold underline]params[/bold underline] (a step's `params:`)")
     for field_name, info in item.params_model.model_fields.items():
         default = "required" if info.is_required() else f"= {info.get_default(call_default_factory=True)!r}"
-        out.print(f"[bold]{field_name}[/bold]: {escape(type_name(info.annotation))} {escape(default)}")
-        out.print(f"    {escape(' '.join((info.description or '').replace('``', '`').split()))}")
+        _show_field(out, field_name, f"{_field_type(info)} {default}", info.description)
+    result = item.result_model.__name__
+    out.print(f"\n[bold underline]result[/bold underline] ({result}: what expectations and later steps read)")
+    for field_name, info in item.result_model.model_fields.items():
+        _show_field(out, field_name, _field_type(info), info.description)
     return 0
+
+
+def _field_type(info: Any) -> str:
+    """A field's readable type; pydantic keeps a top-level ``Annotated``'s metadata apart from its type."""
+    annotation = info.annotation
+    if info.metadata:
+        annotation = typing.Annotated[(annotation, *info.metadata)]
+    return type_name(annotation)
+
+
+def _show_field(out: Console, name: str, kind: str, description: str | None) -> None:
+    from rich.markup import escape
+
+    out.print(f"[bold]{name}[/bold]: {escape(kind)}")
+    if description:
+        out.print(f"    {escape(' '.join(description.replace('``', '`').split()))}")
 
 
 def type_name(annotation: Any) -> str:
@@ -205,6 +225,11 @@ def type_name(annotation: Any) -> str:
     if origin is typing.Literal:
         return " | ".join(repr(a) for a in args)
     if origin is typing.Annotated:
+        from runner.results import Array, JSONValue
+
+        for known, name in ((Array, "array"), (JSONValue, "json")):
+            if args[1:] == typing.get_args(known)[1:]:
+                return name
         return "indices ('0-23', '0,5,10')" if args[0] == tuple[int, ...] else type_name(args[0])
     if origin in (typing.Union, types.UnionType):
         return " | ".join(type_name(a) for a in args)

@@ -356,7 +356,10 @@ def test_list_and_show_describe_analyses(run_cli):
     assert code == 0 and "toy" in out and "Echo a value" in out
     code, out, _ = run_cli("show", "toy")
     assert code == 0
-    assert "value" in out and "A number echoed into the summary." in out and "1.0" in out
+    assert "value: float = 1.0" in out and "A number echoed into the summary." in out
+    result = out.split("result (ToyResult: what expectations and later steps read)")[1]
+    assert "squares: list[float]" in result
+    assert "array: array\n    The squares again, as an array (stored in the result's NPZ)." in result
 
 
 def test_show_unknown_analysis_suggests(run_cli):
