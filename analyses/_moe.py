@@ -1,13 +1,10 @@
-"""Mixture-of-experts helpers for the super-weight analyses: expert weights, routing, per-expert spikes.
+"""Mixture-of-experts helpers for the super-weight analyses: which layers are MoE, routing, per-expert spikes.
 
 TransformerLens 3.9 builds a mixture-of-experts MLP (``MoE`` for Mixtral and OLMoE, ``GptOssMoE`` for
 GPT-OSS) as a router ``mlp.W_gate`` (``nn.Linear(d_model, num_experts)``) and a list of gated-MLP
 experts ``mlp.experts[e]``, each with its own down projection ``W_out = nn.Linear(d_mlp, d_model)``.
-Unlike a dense TransformerLens MLP, that ``W_out.weight`` is stored as Hugging Face stores
-``down_proj.weight``: ``(d_model, d_mlp)``, so expert ``e``'s entry ``(row, col)`` is
-``mlp.experts[e].W_out.weight[row, col]`` with no transposition. Every name here speaks
-``(layer, expert, row, col)``: ``row`` = output channel (d_model), ``col`` = input channel, the
-expert's neuron (d_mlp).
+An expert's entry ``(row, col)`` is a :class:`analyses._weights.SuperWeight` with ``expert=e``, which
+knows where it is stored (:mod:`analyses._weights` says how that differs from a dense layer).
 
 Routing is read from the block's own hooks: ``hook_expert_indices`` (``(batch * pos, k)``, the
 selected experts of each token) and ``hook_expert_weights`` (``(batch * pos, num_experts)``: the
@@ -19,24 +16,20 @@ tokens that chose it first, then those that chose it second, as TransformerLens'
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from runner.errors import ResourceError
+from analyses._weights import largest_entry
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
 __all__ = [
     "ExpertPeak",
-    "ExpertWeight",
     "RouterCounts",
-    "expert_down_proj",
-    "expert_zeroed",
     "experts_of",
     "is_moe_block",
     "measure_expert_peaks",
@@ -44,30 +37,6 @@ __all__ = [
     "moe_layers",
     "routed_tokens",
 ]
-
-
-@dataclass(frozen=True, order=True)
-class ExpertWeight:
-    """One entry of expert ``expert``'s down projection in layer ``layer``: ``W_out.weight[row, col]``."""
-
-    layer: int
-    expert: int
-    row: int
-    """Output channel (a d_model dimension of the residual stream)."""
-    col: int
-    """Input channel: the expert's neuron (a d_mlp dimension)."""
-
-    def index(self) -> tuple[int, int]:
-        """The entry's index in ``mlp.experts[expert].W_out.weight`` (``(d_model, d_mlp)``)."""
-        return (self.row, self.col)
-
-    def label(self) -> str:
-        """``L0-E3-R7-C5``."""
-        return f"L{self.layer}-E{self.expert}-R{self.row}-C{self.col}"
-
-    def as_dict(self) -> dict[str, int]:
-        """``{"layer": ..., "expert": ..., "row": ..., "col": ...}``."""
-        return {"layer": self.layer, "expert": self.expert, "row": self.row, "col": self.col}
 
 
 def is_moe_block(mlp: Any) -> bool:
@@ -85,53 +54,6 @@ def experts_of(model: HookedTransformer, layer: int) -> list[Any]:
 def moe_layers(model: HookedTransformer) -> list[int]:
     """The layers whose MLP is a mixture of experts (empty for a dense model)."""
     return [i for i, block in enumerate(model.blocks) if is_moe_block(block.mlp)]
-
-
-def expert_down_proj(model: HookedTransformer, layer: int, expert: int) -> torch.nn.Parameter:
-    """``blocks[layer].mlp.experts[expert].W_out.weight`` (``(d_model, d_mlp)``), or a clear error."""
-    n_layers = model.cfg.n_layers
-    if not 0 <= layer < n_layers:
-        raise ResourceError(
-            f"Layer {layer} does not exist: the model has {n_layers} layers (0-{n_layers - 1}).\n"
-            "Use a layer within that range."
-        )
-    mlp = model.blocks[layer].mlp
-    if not is_moe_block(mlp):
-        raise ResourceError(
-            f"Layer {layer}'s MLP ({type(mlp).__name__}) is not a mixture of experts.\n"
-            "Use one of the model's MoE layers, or the `super_weights` analysis for dense layers."
-        )
-    n_experts = len(experts_of(model, layer))
-    if not 0 <= expert < n_experts:
-        raise ResourceError(
-            f"Expert {expert} does not exist in layer {layer}, which has {n_experts} experts "
-            f"(0-{n_experts - 1}).\nUse an expert within that range."
-        )
-    weight: torch.nn.Parameter = experts_of(model, layer)[expert].W_out.weight
-    assert weight.ndim == 2, f"expert W_out.weight has shape {tuple(weight.shape)}, expected 2-D"
-    return weight
-
-
-@contextmanager
-def expert_zeroed(model: HookedTransformer, weights: Sequence[ExpertWeight]) -> Iterator[None]:
-    """Zero every entry in ``weights`` for the block, then write the saved originals back bit for bit.
-
-    Values are saved before anything is zeroed and restored in reverse order, so duplicates are
-    harmless and the weights end exactly as they began, even on an exception.
-    """
-    saved: list[tuple[torch.nn.Parameter, tuple[int, int], torch.Tensor]] = []
-    for weight in weights:
-        tensor = expert_down_proj(model, weight.layer, weight.expert)
-        saved.append((tensor, weight.index(), tensor.detach()[weight.index()].clone()))
-    try:
-        with torch.no_grad():
-            for tensor, index, _ in saved:
-                tensor[index] = 0
-        yield
-    finally:
-        with torch.no_grad():
-            for tensor, index, original in reversed(saved):
-                tensor[index] = original
 
 
 def routed_tokens(indices: torch.Tensor, expert: int) -> torch.Tensor:
@@ -298,14 +220,14 @@ def _measure_batch(
             assert len(tokens_of) == post.shape[0], (
                 f"layer {layer} expert {expert}: {post.shape[0]} rows, routing says {len(tokens_of)}"
             )
-            in_row, in_channel = divmod(int(post.abs().argmax()), post.shape[1])
-            out_row, out_channel = divmod(int(out.abs().argmax()), out.shape[1])
+            in_value, in_row, in_channel = largest_entry(post)
+            out_value, out_row, out_channel = largest_entry(out)
             peaks[(layer, expert)] = ExpertPeak(
                 n_routed=post.shape[0],
-                input_value=float(post[in_row, in_channel]),
+                input_value=in_value,
                 input_at=divmod(int(tokens_of[in_row]), n_pos),
                 input_channel=in_channel,
-                output_value=float(out[out_row, out_channel]),
+                output_value=out_value,
                 output_at=divmod(int(tokens_of[out_row]), n_pos),
                 output_channel=out_channel,
                 input_at_output=post[out_row].cpu(),

@@ -6,7 +6,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -16,20 +16,27 @@ from matplotlib.figure import Figure
 
 from analyses._moe import (
     ExpertPeak,
-    ExpertWeight,
     RouterCounts,
-    expert_down_proj,
-    expert_zeroed,
     experts_of,
     measure_expert_peaks,
     measure_router,
     moe_layers,
 )
-from analyses._weights import perplexity, token_losses
+from analyses._weights import (
+    Detection,
+    Impact,
+    Perplexities,
+    SuperWeight,
+    detect,
+    measure_impact,
+    probe_tokens,
+    random_controls,
+    restore_note,
+)
 from analyses.moe_super_weights import MoESuperWeightsParams, MoESuperWeightsResult
 from runner.errors import ResourceError
 from runner.hooks import require_layers
-from runner.models import LoadedModel, require_hooks
+from runner.models.loaded import LoadedModel, require_hooks
 from runner.step import StepContext, StepOutput
 
 if TYPE_CHECKING:
@@ -37,13 +44,16 @@ if TYPE_CHECKING:
 
 __all__ = [
     "STATUSES",
+    "CausalScores",
     "ExpertSpike",
-    "MoEDetection",
     "RouterStats",
     "SearchText",
+    "candidates",
     "detect_moe_super_weights",
     "router_stats",
     "run",
+    "score_candidates",
+    "unique_candidates",
 ]
 
 Status = Literal["super_weight", "rare_expert", "low_co_spike", "zeroed", "below_threshold"]
@@ -166,9 +176,9 @@ class ExpertSpike:
     status: Status
 
     @property
-    def weight(self) -> ExpertWeight:
+    def weight(self) -> SuperWeight:
         """The candidate weight this spike points at."""
-        return ExpertWeight(self.layer, self.expert, self.output_channel, self.input_channel)
+        return SuperWeight(self.layer, self.output_channel, self.input_channel, expert=self.expert)
 
     @property
     def strength(self) -> float:
@@ -197,37 +207,20 @@ class Verdicts:
         return "super_weight"
 
 
-@dataclass(frozen=True)
-class MoEFound:
-    """An accepted super weight: the spike that revealed it and the weight's value as loaded."""
-
-    spike: ExpertSpike
-    value: float
-    iteration: int
+def candidates(detection: Detection[ExpertSpike]) -> list[tuple[int, ExpertSpike]]:
+    """``(pass, spike)`` of every measurement whose two spikes passed the threshold."""
+    return [
+        (i, s) for i, spikes in enumerate(detection.passes) for s in spikes if s.status != "below_threshold"
+    ]
 
 
-@dataclass
-class MoEDetection:
-    """Every probe pass's measured experts, and the super weights accepted."""
-
-    found: list[MoEFound]
-    passes: list[list[ExpertSpike]]
-    converged: bool
-    probe_tokens: list[str]
-
-    def candidates(self) -> list[tuple[int, ExpertSpike]]:
-        """``(pass, spike)`` of every measurement whose two spikes passed the threshold."""
-        return [
-            (i, s) for i, spikes in enumerate(self.passes) for s in spikes if s.status != "below_threshold"
-        ]
-
-    def unique_candidates(self) -> list[ExpertSpike]:
-        """Each candidate weight once (its first appearance), super weights first, then by strength."""
-        first: dict[ExpertWeight, ExpertSpike] = {}
-        for _, spike in self.candidates():
-            if spike.status != "zeroed":
-                first.setdefault(spike.weight, spike)
-        return sorted(first.values(), key=lambda s: (s.status != "super_weight", -s.strength))
+def unique_candidates(detection: Detection[ExpertSpike]) -> list[ExpertSpike]:
+    """Each candidate weight once (its first appearance), super weights first, then by strength."""
+    first: dict[SuperWeight, ExpertSpike] = {}
+    for _, spike in candidates(detection):
+        if spike.status != "zeroed":
+            first.setdefault(spike.weight, spike)
+    return sorted(first.values(), key=lambda s: (s.status != "super_weight", -s.strength))
 
 
 def detect_moe_super_weights(
@@ -239,25 +232,20 @@ def detect_moe_super_weights(
     verdicts: Verdicts,
     max_iterations: int,
     probe_tokens: Sequence[str] = (),
-) -> MoEDetection:
+) -> Detection[ExpertSpike]:
     """Iterative per-expert detection on ``text``; every weight ends as it began."""
-    found: list[MoEFound] = []
-    passes: list[list[ExpertSpike]] = []
-    converged = False
-    for iteration in range(max_iterations):
-        known = {f.spike.weight for f in found}
-        with expert_zeroed(model, sorted(known)):
-            peaks = measure_expert_peaks(model, text.batches, layers)
-            spikes = [
-                _spike(model, key, peak, text, router, verdicts, known) for key, peak in sorted(peaks.items())
-            ]
-        passes.append(spikes)
-        new = [s for s in spikes if s.status == "super_weight"]
-        if not new:
-            converged = True
-            break
-        found += [MoEFound(s, _value(model, s.weight), iteration) for s in new]
-    return MoEDetection(found, passes, converged, list(probe_tokens))
+
+    def measure(known: set[SuperWeight]) -> list[ExpertSpike]:
+        peaks = measure_expert_peaks(model, text.batches, layers)
+        return [_spike(model, key, peaks[key], text, router, verdicts, known) for key in sorted(peaks)]
+
+    return detect(
+        model,
+        measure,
+        lambda spike: spike.status == "super_weight",
+        max_iterations=max_iterations,
+        probe_tokens=probe_tokens,
+    )
 
 
 def _spike(
@@ -267,35 +255,29 @@ def _spike(
     text: SearchText,
     router: RouterStats,
     verdicts: Verdicts,
-    known: set[ExpertWeight],
+    known: set[SuperWeight],
 ) -> ExpertSpike:
     """An :class:`ExpertPeak` with its places named, its co-spike and its status (weights as they are now)."""
     layer, expert = key
-    row, col = peak.output_channel, peak.input_channel
-    weight = float(expert_down_proj(model, layer, expert).detach()[row, col])
-    through = float(peak.input_at_output[col]) * weight
+    weight = SuperWeight(layer, peak.output_channel, peak.input_channel, expert=expert)
+    through = float(peak.input_at_output[weight.col]) * weight.value(model)
     co_spike = through / peak.output_value if peak.output_value != 0 else 0.0
     p_active = router.p_active(layer, expert)
     strength = min(abs(peak.input_value), abs(peak.output_value))
-    known_weight = ExpertWeight(layer, expert, row, col) in known
     return ExpertSpike(
         layer,
         expert,
         peak.n_routed,
         peak.input_value,
-        col,
+        weight.col,
         *text.locate(peak.input_source, peak.input_at),
         peak.output_value,
-        row,
+        weight.row,
         *text.locate(peak.output_source, peak.output_at),
         co_spike,
         p_active,
-        verdicts.status(strength, p_active, co_spike, known_weight),
+        verdicts.status(strength, p_active, co_spike, weight in known),
     )
-
-
-def _value(model: HookedTransformer, weight: ExpertWeight) -> float:
-    return float(expert_down_proj(model, weight.layer, weight.expert).detach()[weight.index()])
 
 
 # --- causal scoring -----------------------------------------------------------------------------------------
@@ -303,87 +285,26 @@ def _value(model: HookedTransformer, weight: ExpertWeight) -> float:
 
 @dataclass
 class CausalScores:
-    """Perplexities with each scored candidate, and its matched control, zeroed alone; all together."""
+    """The scored candidates (super weights first, then by strength) and perplexity with each, its
+    random control, all super weights and all their controls zeroed (see :func:`measure_impact`)."""
 
-    baseline: float
-    n_tokens: int
-    scored: list[ExpertSpike] = field(default_factory=list)
-    single: list[float] = field(default_factory=list)
-    controls: list[tuple[ExpertWeight, float]] = field(default_factory=list)
-    """Each scored candidate's random control: the entry and its value."""
-    control_single: list[float] = field(default_factory=list)
-    all_zeroed: float | None = None
-    controls_zeroed: float | None = None
-    restored: float | None = None
-    restored_exact: bool | None = None
-    weights_restored_exact: bool | None = None
-
-
-def random_expert_controls(
-    model: HookedTransformer, weights: Sequence[ExpertWeight], rng: np.random.Generator
-) -> list[ExpertWeight]:
-    """One uniformly random entry of each weight's expert down projection, never a candidate, all distinct."""
-    taken = set(weights)
-    controls = []
-    for weight in weights:
-        d_model, d_mlp = expert_down_proj(model, weight.layer, weight.expert).shape
-        while True:
-            candidate = ExpertWeight(
-                weight.layer, weight.expert, int(rng.integers(d_model)), int(rng.integers(d_mlp))
-            )
-            if candidate not in taken:
-                break
-        taken.add(candidate)
-        controls.append(candidate)
-    return controls
+    scored: list[ExpertSpike]
+    impact: Impact
 
 
 def score_candidates(
-    ctx: StepContext, params: MoESuperWeightsParams, detection: MoEDetection
+    ctx: StepContext, params: MoESuperWeightsParams, detection: Detection[ExpertSpike]
 ) -> CausalScores:
     """Perplexity of the dataset under every condition; weights are restored after each one."""
     model = ctx.model.model
-    tokens = ctx.dataset.tokens
-    if tokens.shape[1] < 2:
-        raise ResourceError(
-            f"moe_super_weights case {ctx.case_id}: causal scoring needs passages of at least 2 tokens, "
-            f"but dataset.max_len is {tokens.shape[1]}. Raise `dataset.max_len`."
-        )
-    scored = detection.unique_candidates()[: params.max_scored]
+    where = f"moe_super_weights case {ctx.case_id}: causal scoring"
+    bench = Perplexities.of_case(ctx, batch_size=params.batch_size, needed_by=where)
+    scored = unique_candidates(detection)[: params.max_scored]
     weights = [s.weight for s in scored]
-    touched = {(w.layer, w.expert) for w in weights}
-    before = {key: expert_down_proj(model, *key).detach().clone() for key in touched}
-
-    def losses(label: str, zero: Sequence[ExpertWeight] = ()) -> torch.Tensor:
-        with expert_zeroed(model, zero):
-            return token_losses(
-                model, tokens, batch_size=params.batch_size, progress=ctx.progress, description=label
-            )
-
-    base = losses("perplexity: baseline")
-    scores = CausalScores(perplexity(base), int(base.numel()), scored)
-    if not scored:
-        return scores
-    controls = random_expert_controls(model, weights, np.random.default_rng(ctx.seed))
-    scores.controls = [(c, _value(model, c)) for c in controls]
-    for weight, control in zip(weights, controls, strict=True):
-        scores.single.append(perplexity(losses(f"perplexity: {weight.label()} zeroed", [weight])))
-        scores.control_single.append(perplexity(losses(f"perplexity: control {control.label()}", [control])))
+    controls = {"random": random_controls(model, weights, np.random.default_rng(ctx.seed))}
     accepted = [i for i, s in enumerate(scored) if s.status == "super_weight"]
-    if accepted:
-        scores.all_zeroed = perplexity(
-            losses("perplexity: all super weights", [weights[i] for i in accepted])
-        )
-        scores.controls_zeroed = perplexity(
-            losses("perplexity: their controls", [controls[i] for i in accepted])
-        )
-    restored = losses("perplexity: restored")
-    scores.restored = perplexity(restored)
-    scores.restored_exact = bool(torch.equal(restored, base))
-    scores.weights_restored_exact = all(
-        torch.equal(expert_down_proj(model, *key).detach(), saved) for key, saved in before.items()
-    )
-    return scores
+    impact = measure_impact(bench, weights, controls, together=accepted, control_each=True)
+    return CausalScores(scored, impact)
 
 
 # --- the analysis -------------------------------------------------------------------------------------------
@@ -395,7 +316,7 @@ def run(ctx: StepContext, params: MoESuperWeightsParams) -> StepOutput:
     loaded = ctx.model
     layers = _resolve_layers(ctx, params)
     router = _router(ctx, params, layers)
-    text, probe_tokens = _search_text(ctx, params)
+    text, probe_strings = _search_text(ctx, params)
     detection = detect_moe_super_weights(
         loaded.model,
         text,
@@ -403,13 +324,14 @@ def run(ctx: StepContext, params: MoESuperWeightsParams) -> StepOutput:
         router=router,
         verdicts=Verdicts(params.spike_threshold, params.p_active_floor, params.co_spike_threshold),
         max_iterations=params.max_iterations,
-        probe_tokens=probe_tokens,
+        probe_tokens=probe_strings,
     )
     _note_detection(ctx, params, detection, layers, lambda key: router.is_rare(*key))
     scores = score_candidates(ctx, params, detection) if params.causal_scoring else None
-    _check_restored(ctx, scores)
+    if note := restore_note(scores.impact if scores else None, "moe_super_weights"):
+        ctx.note(note)
     records = _weight_records(detection, scores)
-    candidates = _candidate_records(detection, scores)
+    candidate_rows = _candidate_records(detection, scores)
     summary = _summary(ctx, params, layers, router, detection, scores, records)
     data = {
         "router_stats.csv": pd.DataFrame(router.rows()),
@@ -420,8 +342,8 @@ def run(ctx: StepContext, params: MoESuperWeightsParams) -> StepOutput:
             "layers": router.layer_facts(),
         },
         "expert_spikes.csv": _spike_rows(detection),
-        "candidates.jsonl": candidates,
-        "candidates.csv": _frame(candidates, ["iteration", "layer", "expert", "row", "col", "status"]),
+        "candidates.jsonl": candidate_rows,
+        "candidates.csv": _frame(candidate_rows, ["iteration", "layer", "expert", "row", "col", "status"]),
         "super_weights.jsonl": records,
         "super_weights.csv": _frame(records, ["layer", "expert", "row", "col", "value"]),
         "analysis.json": {
@@ -451,14 +373,17 @@ def _resolve_layers(ctx: StepContext, params: MoESuperWeightsParams) -> list[int
             "mistralai/Mixtral-8x7B-v0.1."
         )
     where = f"moe_super_weights case {ctx.case_id}"
-    layers = sorted(require_layers(params.layers or moe, loaded.n_layers, model=loaded.name, where=where))
+    hint = (
+        f"Its mixture-of-experts layers are {_ranges(moe)}: set `layers` among them, or leave it "
+        "out to search all of them (the `super_weights` analysis searches dense layers)."
+    )
+    try:
+        layers = sorted(require_layers(params.layers or moe, loaded.n_layers, model=loaded.name, where=where))
+    except ResourceError as error:
+        raise ResourceError(f"{error}\n{hint}") from None
     dense = [layer for layer in layers if layer not in moe]
     if dense:
-        raise ResourceError(
-            f"{where}: layers {dense} of model {loaded.name!r} have dense MLPs.\n"
-            f"Its mixture-of-experts layers are {_ranges(moe)}: set `layers` among them, or leave it "
-            "out to search all of them (the `super_weights` analysis searches dense layers)."
-        )
+        raise ResourceError(f"{where}: layers {dense} of model {loaded.name!r} have dense MLPs.\n{hint}")
     hooks = [
         f"blocks.{layer}.mlp.{name}"
         for layer in layers
@@ -498,10 +423,8 @@ def _router(ctx: StepContext, params: MoESuperWeightsParams, layers: list[int]) 
 def _search_text(ctx: StepContext, params: MoESuperWeightsParams) -> tuple[SearchText, list[str]]:
     """The probe (one batch), then the first ``search_passages`` passages in batches."""
     loaded: LoadedModel = ctx.model
-    model = loaded.model
-    device = next(model.parameters()).device
-    prepend = model.cfg.default_prepend_bos if params.prepend_bos is None else params.prepend_bos
-    probe = model.to_tokens(params.probe_text, prepend_bos=prepend).to(device)  # (1, pos)
+    probe = probe_tokens(loaded.model, params.probe_text, params.prepend_bos)  # (1, pos)
+    device = probe.device
     batches, names = [probe], [["probe"]]
     passages = ctx.dataset.tokens[: params.search_passages] if params.search_passages else None
     if passages is not None:
@@ -524,7 +447,7 @@ def _search_text(ctx: StepContext, params: MoESuperWeightsParams) -> tuple[Searc
 def _note_detection(
     ctx: StepContext,
     params: MoESuperWeightsParams,
-    detection: MoEDetection,
+    detection: Detection[ExpertSpike],
     layers: list[int],
     router_rare: Callable[[tuple[int, int]], bool],
 ) -> None:
@@ -544,7 +467,7 @@ def _note_detection(
             f"searched (e.g. layer {reachable[0][0]} expert {reachable[0][1]}). Raise `search_passages` "
             "to route more tokens to them."
         )
-    rejected = Counter(s.status for s in detection.unique_candidates() if s.status != "super_weight")
+    rejected = Counter(s.status for s in unique_candidates(detection) if s.status != "super_weight")
     if not detection.found:
         best = max(first, key=lambda s: s.strength, default=None)
         why = (
@@ -568,21 +491,6 @@ def _note_detection(
         )
 
 
-def _check_restored(ctx: StepContext, scores: CausalScores | None) -> None:
-    if scores is None:
-        return
-    if scores.weights_restored_exact is False:
-        raise RuntimeError(
-            "moe_super_weights: the edited expert tensors differ from the originals after restoring"
-        )
-    if scores.restored_exact is False:
-        ctx.note(
-            f"Perplexity after restoring ({scores.restored!r}) differs from the baseline "
-            f"({scores.baseline!r}) although the weights are restored exactly: the device computes "
-            "non-deterministically."
-        )
-
-
 # --- records, summary, data files ---------------------------------------------------------------------------
 
 
@@ -596,28 +504,29 @@ def _spike_record(spike: ExpertSpike) -> dict[str, Any]:
     }
 
 
-def _scored_index(scores: CausalScores | None) -> dict[ExpertWeight, int]:
+def _scored_index(scores: CausalScores | None) -> dict[SuperWeight, int]:
     return {} if scores is None else {s.weight: i for i, s in enumerate(scores.scored)}
 
 
 def _causal_fields(
-    scores: CausalScores | None, index: dict[ExpertWeight, int], weight: ExpertWeight
+    scores: CausalScores | None, index: dict[SuperWeight, int], weight: SuperWeight
 ) -> dict[str, Any]:
+    """What zeroing ``weight`` and its random control did, if the weight was scored."""
     if scores is None or weight not in index:
         return {}
-    i = index[weight]
-    control, control_value = scores.controls[i]
+    i, impact = index[weight], scores.impact
+    control = impact.controls["random"]
     return {
-        "ppl": scores.single[i],
-        "ppl_ratio": scores.single[i] / scores.baseline,
-        "control": control.as_dict(),
-        "control_value": control_value,
-        "control_ppl": scores.control_single[i],
-        "control_ppl_ratio": scores.control_single[i] / scores.baseline,
+        "ppl": impact.single[i],
+        "ppl_ratio": impact.single[i] / impact.baseline,
+        "control": control.weights[i].as_dict(),
+        "control_value": control.values[i],
+        "control_ppl": control.each[i],
+        "control_ppl_ratio": control.each[i] / impact.baseline,
     }
 
 
-def _weight_records(detection: MoEDetection, scores: CausalScores | None) -> list[dict[str, Any]]:
+def _weight_records(detection: Detection[ExpertSpike], scores: CausalScores | None) -> list[dict[str, Any]]:
     """One row per accepted super weight."""
     index = _scored_index(scores)
     return [
@@ -632,12 +541,14 @@ def _weight_records(detection: MoEDetection, scores: CausalScores | None) -> lis
     ]
 
 
-def _candidate_records(detection: MoEDetection, scores: CausalScores | None) -> list[dict[str, Any]]:
+def _candidate_records(
+    detection: Detection[ExpertSpike], scores: CausalScores | None
+) -> list[dict[str, Any]]:
     """One row per candidate of every pass (both spikes above the threshold), with its status."""
     index = _scored_index(scores)
     return [
         {"iteration": i, **_spike_record(spike), **_causal_fields(scores, index, spike.weight)}
-        for i, spike in detection.candidates()
+        for i, spike in candidates(detection)
     ]
 
 
@@ -651,7 +562,7 @@ def _frame(records: list[dict[str, Any]], columns: list[str]) -> pd.DataFrame:
     return pd.DataFrame(flat) if flat else pd.DataFrame(columns=columns)
 
 
-def _spike_rows(detection: MoEDetection) -> list[dict[str, Any]]:
+def _spike_rows(detection: Detection[ExpertSpike]) -> list[dict[str, Any]]:
     return [{"iteration": i, **_spike_record(s)} for i, spikes in enumerate(detection.passes) for s in spikes]
 
 
@@ -662,8 +573,8 @@ def _causal_rows(scores: CausalScores) -> list[dict[str, Any]]:
             **spike.weight.as_dict(),
             "status": spike.status,
             **{k: v for k, v in _causal_fields(scores, index, spike.weight).items() if k != "control"},
-            **{f"control_{k}": v for k, v in scores.controls[i][0].as_dict().items()},
-            "baseline_ppl": scores.baseline,
+            **{f"control_{k}": v for k, v in scores.impact.controls["random"].weights[i].as_dict().items()},
+            "baseline_ppl": scores.impact.baseline,
         }
         for i, spike in enumerate(scores.scored)
     ]
@@ -672,24 +583,21 @@ def _causal_rows(scores: CausalScores) -> list[dict[str, Any]]:
 def _causal_summary(scores: CausalScores | None) -> dict[str, Any] | None:
     if scores is None:
         return None
-    base = scores.baseline
-
-    def ratio(value: float | None) -> float | None:
-        return None if value is None else value / base
-
+    impact = scores.impact
+    control = impact.controls["random"]
     return {
-        "baseline": base,
-        "n_tokens": scores.n_tokens,
+        "baseline": impact.baseline,
+        "n_tokens": impact.n_tokens,
         "n_scored": len(scores.scored),
-        "all_zeroed": scores.all_zeroed,
-        "ratio_all": ratio(scores.all_zeroed),
-        "controls_zeroed": scores.controls_zeroed,
-        "controls_ratio": ratio(scores.controls_zeroed),
-        "max_single_ratio": max((p / base for p in scores.single), default=None),
-        "max_control_ratio": max((p / base for p in scores.control_single), default=None),
-        "restored": scores.restored,
-        "restored_exact": scores.restored_exact,
-        "weights_restored_exact": scores.weights_restored_exact,
+        "all_zeroed": impact.all_zeroed,
+        "ratio_all": impact.ratio(impact.all_zeroed),
+        "controls_zeroed": control.together,
+        "controls_ratio": impact.ratio(control.together),
+        "max_single_ratio": impact.max_ratio(impact.single),
+        "max_control_ratio": impact.max_ratio(control.each),
+        "restored": impact.restored,
+        "restored_exact": impact.restored_exact,
+        "weights_restored_exact": impact.weights_restored_exact,
     }
 
 
@@ -715,7 +623,7 @@ def _summary(
     params: MoESuperWeightsParams,
     layers: list[int],
     router: RouterStats,
-    detection: MoEDetection,
+    detection: Detection[ExpertSpike],
     scores: CausalScores | None,
     records: list[dict[str, Any]],
 ) -> dict[str, Any]:
@@ -739,7 +647,7 @@ def _summary(
     )
     weights = [{k: r[k] for k in keys if k in r} for r in records]
     strongest = max(weights, key=lambda w: w.get("ppl_ratio", abs(w["output_value"])), default=None)
-    unique = detection.unique_candidates()
+    unique = unique_candidates(detection)
     cfg = ctx.model.model.cfg
     return {
         "model": ctx.model.name,
@@ -786,7 +694,7 @@ STATUS_COLORS = {
 
 
 def _moe_plot(
-    router: RouterStats, detection: MoEDetection, params: MoESuperWeightsParams, model_name: str
+    router: RouterStats, detection: Detection[ExpertSpike], params: MoESuperWeightsParams, model_name: str
 ) -> Figure:
     """Expert activation per layer (router), the first pass's spikes per expert, input against output."""
     layers = list(router.counts)
@@ -881,9 +789,10 @@ def _moe_plot(
 
 def _causal_plot(scores: CausalScores, model_name: str) -> Figure:
     """Perplexity ratio with each scored candidate zeroed, next to its random control (bars start at 1)."""
+    impact = scores.impact
     labels = [s.weight.label() for s in scores.scored]
-    ratios = [p / scores.baseline for p in scores.single]
-    controls = [p / scores.baseline for p in scores.control_single]
+    ratios = [p / impact.baseline for p in impact.single]
+    controls = [p / impact.baseline for p in impact.controls["random"].each]
     values = ratios + controls
     log = max(values) / min(values) > 10  # a log axis only when the effects span orders of magnitude
     xs = np.arange(len(labels))

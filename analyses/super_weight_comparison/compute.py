@@ -116,11 +116,13 @@ def _keys(rows: list[dict[str, Any]]) -> list[str]:
 def _upstream(
     ctx: StepContext, params: SuperWeightComparisonParams
 ) -> list[FinishedCase[SuperWeightsResult]]:
+    """The step's cases; none is a note, a step of another analysis an error."""
     try:
-        return ctx.outputs(params.from_step, SuperWeightsResult)
+        ctx.outputs(params.from_step)
     except RunnerError as exc:
         ctx.note(f"Nothing to compare: {exc}")
         return []
+    return ctx.outputs(params.from_step, SuperWeightsResult)
 
 
 def run(ctx: StepContext, params: SuperWeightComparisonParams) -> StepOutput:

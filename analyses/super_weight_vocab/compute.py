@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from analyses._weights import TENSOR, SuperWeight, down_proj, neuron_edit, random_controls, zeroed
+from analyses._weights import PADDING, TENSOR, Neuron, SuperWeight, random_controls, zeroed
 from analyses.super_weight_vocab import SuperWeightVocabParams, SuperWeightVocabResult
 from analyses.super_weights import SuperWeightsResult
 from runner.errors import ResourceError
@@ -43,7 +43,6 @@ why will with would you your yours yourself yourselves
 STOPWORDS = frozenset(_FUNCTION_WORDS.split())
 """English function words: the ``function_words`` class and the ``stopword_mass`` metric."""
 
-PADDING = "right"
 FwdHooks = list[tuple[str | Callable[..., Any], Callable[..., Any]]]
 
 
@@ -296,7 +295,7 @@ def final_gain(model: HookedTransformer, direction: torch.Tensor) -> torch.Tenso
 def neuron_effects(model: HookedTransformer, layer: int, neuron: int) -> tuple[np.ndarray, np.ndarray]:
     """Direct logit effect of one unit of ``neuron``'s activation, and its cosine variant: ``(V,)`` each."""
     with torch.no_grad():
-        direction = final_gain(model, down_proj(model, layer)[neuron].double())  # (d_model,)
+        direction = final_gain(model, Neuron(layer, neuron).output(model).double())  # (d_model,)
         w_u = model.W_U.double()  # (d_model, V)
         effects = direction @ w_u  # (V,)
         cosine = effects / (direction.norm() * w_u.norm(dim=0)).clamp_min(1e-12)
@@ -475,18 +474,25 @@ def _targets(ctx: StepContext, params: SuperWeightVocabParams) -> list[Target]:
     """The weights to analyse: listed in the params, or the detection step's, strongest first."""
     if params.weights is not None:
         targets = [Target(SuperWeight(*w)) for w in params.weights]
+        _check_listed(ctx, [t.weight for t in targets])
     else:
         targets = _detected(ctx, params.from_step)
-    for target in targets:
-        weight = down_proj(ctx.model.model, target.weight.layer)  # clear errors for bad layers / MoE
-        if not (target.weight.col < weight.shape[0] and target.weight.row < weight.shape[1]):
+    return targets[: params.max_weights] if params.max_weights else targets
+
+
+def _check_listed(ctx: StepContext, weights: list[SuperWeight]) -> None:
+    """Weights listed in the params exist: their layers, then their rows and columns."""
+    where = f"super_weight_vocab case {ctx.case_id}"
+    layers = [w.layer for w in weights]
+    require_layers(layers, ctx.model.n_layers, model=ctx.model.name, where=where, field="weights")
+    for weight in weights:
+        rows, cols = weight.shape(ctx.model.model)  # a clear error for MoE layers
+        if not (0 <= weight.row < rows and 0 <= weight.col < cols):
             raise ResourceError(
-                f"super_weight_vocab case {ctx.case_id}: {target.weight.label()} is outside layer "
-                f"{target.weight.layer}'s down_proj, which has {weight.shape[1]} rows (d_model) and "
-                f"{weight.shape[0]} columns (d_mlp).\n"
+                f"{where}: {weight.label()} is outside layer {weight.layer}'s down_proj, which has "
+                f"{rows} rows (d_model) and {cols} columns (d_mlp).\n"
                 "List weights as [layer, row, col] with row < d_model and col < d_mlp."
             )
-    return targets[: params.max_weights] if params.max_weights else targets
 
 
 def _detected(ctx: StepContext, step_id: str) -> list[Target]:
@@ -554,19 +560,17 @@ def _intervene(
         zero = measure(ctx, windows, params, stop_ids, cascade_layers, f"vocab: {label} zeroed")
     with zeroed(model, [control]):
         rand = measure(ctx, windows, params, stop_ids, (), f"vocab: random {control.label()}")
-    with zeroed(model, [neuron_edit(weight.layer, weight.col)]):
-        neuron = measure(ctx, windows, params, stop_ids, (), f"vocab: neuron L{weight.layer}-N{weight.col}")
-    value = float(down_proj(model, weight.layer).detach()[weight.index()])
-    control_value = float(down_proj(model, control.layer).detach()[control.index()])
+    with zeroed(model, [weight.neuron()]):
+        neuron = measure(ctx, windows, params, stop_ids, (), f"vocab: neuron {weight.neuron().label()}")
     return {
         "model": ctx.model.name,
         "tensor": TENSOR,
         **weight.as_dict(),
-        "value": value,
+        "value": weight.value(model),
         "baselines": base.means(),
         "deltas": deltas(zero, base),
         "controls": {
-            "random_coord": {**control.as_dict(), "value": control_value},
+            "random_coord": {**control.as_dict(), "value": control.value(model)},
             "random_coord_delta": deltas(rand, base),
             "neuron_zero_delta": deltas(neuron, base),
         },

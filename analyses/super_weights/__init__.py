@@ -137,9 +137,9 @@ class PerplexityImpact(BaseModel):
     magnitude_control: float | None
     """With the matched largest ordinary weights zeroed."""
     magnitude_control_ratio: float | None
-    restored: float
-    """After restoring every weight: equal to ``baseline``."""
-    restored_exact: bool
+    restored: float | None
+    """After restoring every weight: equal to ``baseline`` (None when no weight was found to zero)."""
+    restored_exact: bool | None
     """``restored == baseline`` bit for bit (the same computation on the same weights)."""
     weights_restored_exact: bool | None
     n_tokens: int

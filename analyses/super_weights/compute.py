@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,26 +18,32 @@ from matplotlib.figure import Figure
 from analyses._transformers_view import transformers_view
 from analyses._weights import (
     TENSOR,
+    Detection,
+    Impact,
+    Perplexities,
     SuperWeight,
+    detect,
     down_proj,
+    largest_entry,
     magnitude_controls,
-    perplexity,
+    measure_impact,
+    probe_tokens,
     random_controls,
-    token_losses,
+    restore_note,
     zeroed,
 )
 from analyses.super_weights import SuperWeightsParams, SuperWeightsResult
 from runner.errors import ResourceError
 from runner.hooks import require_layers
 from runner.models.hub import hub_reachable
-from runner.models.loaded import LoadedModel, require_hooks
+from runner.models.loaded import require_hooks
 from runner.registry import did_you_mean
 from runner.step import StepContext, StepOutput
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
-__all__ = ["Detection", "Found", "LayerSpike", "detect_super_weights", "measure_spikes", "run"]
+__all__ = ["LayerSpike", "detect_super_weights", "measure_spikes", "perplexity_impact", "run"]
 
 FwdHooks = list[tuple[str | Callable[..., Any], Callable[..., Any]]]
 
@@ -66,35 +72,14 @@ class LayerSpike:
         return abs(self.input_value) > threshold and abs(self.output_value) > threshold
 
     @property
+    def strength(self) -> float:
+        """The weaker of the two spikes, ``min(|input|, |output|)``: how far it is from passing."""
+        return min(abs(self.input_value), abs(self.output_value))
+
+    @property
     def weight(self) -> SuperWeight:
         """The candidate this spike points at."""
         return SuperWeight(self.layer, self.output_channel, self.input_channel)
-
-
-@dataclass(frozen=True)
-class Found:
-    """A detected super weight, with the spike that revealed it."""
-
-    weight: SuperWeight
-    value: float
-    """The weight itself, ``down_proj.weight[row, col]``, as loaded."""
-    iteration: int
-    """The probe pass (0-based) that found it."""
-    spike: LayerSpike
-    token: str
-    """The probe token at the input spike's position."""
-
-
-@dataclass
-class Detection:
-    """Everything detection saw: each probe pass's spikes per layer, and what it found."""
-
-    found: list[Found]
-    passes: list[list[LayerSpike]]
-    """``passes[i]`` holds one :class:`LayerSpike` per searched layer for probe pass ``i``."""
-    converged: bool
-    """True when the last pass found nothing new (False: stopped at ``max_iterations``)."""
-    probe_tokens: list[str]
 
 
 def measure_spikes(model: HookedTransformer, tokens: torch.Tensor, layers: Sequence[int]) -> list[LayerSpike]:
@@ -102,10 +87,7 @@ def measure_spikes(model: HookedTransformer, tokens: torch.Tensor, layers: Seque
     peaks: dict[str, tuple[float, int, int]] = {}
 
     def record(act: torch.Tensor, hook: Any) -> None:
-        values = act[0]  # (pos, channels)
-        flat = int(values.abs().argmax())
-        position, channel = divmod(flat, values.shape[1])
-        peaks[hook.name] = (float(values[position, channel]), position, channel)
+        peaks[hook.name] = largest_entry(act[0])  # act[0]: (pos, channels)
 
     names = [(f"blocks.{layer}.mlp.hook_post", f"blocks.{layer}.hook_mlp_out") for layer in layers]
     hooks: FwdHooks = [(name, record) for pair in names for name in pair]
@@ -124,97 +106,31 @@ def detect_super_weights(
     threshold: float,
     max_iterations: int,
     token_strings: Sequence[str] = (),
-) -> Detection:
+) -> Detection[LayerSpike]:
     """The paper's iterative detection on the probe ``tokens`` (``(1, pos)``); weights end as they began."""
-    found: list[Found] = []
-    passes: list[list[LayerSpike]] = []
-    converged = False
-    for iteration in range(max_iterations):
-        with zeroed(model, [f.weight for f in found]):
-            spikes = measure_spikes(model, tokens, layers)
-        passes.append(spikes)
-        known = {f.weight for f in found}
-        new = [s for s in spikes if s.passes(threshold) and s.weight not in known]
-        if not new:
-            converged = True
-            break
-        for spike in new:
-            value = _value(model, spike.weight)
-            token = token_strings[spike.input_position] if spike.input_position < len(token_strings) else ""
-            found.append(Found(spike.weight, value, iteration, spike, token))
-    return Detection(found, passes, converged, list(token_strings))
+    return detect(
+        model,
+        lambda _: measure_spikes(model, tokens, layers),
+        lambda spike: spike.passes(threshold),
+        max_iterations=max_iterations,
+        probe_tokens=token_strings,
+    )
 
 
 # --- perplexity impact ----------------------------------------------------------------------------------
 
 
-@dataclass
-class Impact:
-    """Perplexities of every condition, and the control weights used."""
-
-    baseline: float
-    n_tokens: int
-    single: list[float] = field(default_factory=list)
-    all_zeroed: float | None = None
-    restored: float | None = None
-    restored_exact: bool | None = None
-    weights_restored_exact: bool | None = None
-    random_controls: list[tuple[SuperWeight, float]] = field(default_factory=list)
-    magnitude_controls: list[tuple[SuperWeight, float]] = field(default_factory=list)
-    random_control: float | None = None
-    magnitude_control: float | None = None
-    random_each: list[float] = field(default_factory=list)
-    magnitude_each: list[float] = field(default_factory=list)
-
-
-def _value(model: HookedTransformer, weight: SuperWeight) -> float:
-    return float(down_proj(model, weight.layer).detach()[weight.index()])
-
-
-def measure_impact(ctx: StepContext, params: SuperWeightsParams, weights: Sequence[SuperWeight]) -> Impact:
-    """Perplexity of the dataset under every condition; weights are restored after each one."""
+def perplexity_impact(ctx: StepContext, params: SuperWeightsParams, weights: Sequence[SuperWeight]) -> Impact:
+    """Perplexity of the dataset as loaded, with each weight and all of them zeroed, with their random
+    and magnitude controls zeroed together (and each alone with ``control_each``), and restored."""
     model = ctx.model.model
-    tokens = ctx.dataset.tokens
-    if tokens.shape[1] < 2:
-        raise ResourceError(
-            f"super_weights case {ctx.case_id}: perplexity needs passages of at least 2 tokens, "
-            f"but dataset.max_len is {tokens.shape[1]}. Raise `dataset.max_len`."
-        )
-    touched = {w.layer: down_proj(model, w.layer).detach().clone() for w in weights}
-
-    def ppl(label: str, zero: Sequence[SuperWeight] = ()) -> float:
-        with zeroed(model, zero):
-            losses = token_losses(
-                model, tokens, batch_size=params.batch_size, progress=ctx.progress, description=label
-            )
-        return perplexity(losses)
-
-    base_losses = token_losses(
-        model, tokens, batch_size=params.batch_size, progress=ctx.progress, description="perplexity: baseline"
-    )
-    impact = Impact(baseline=perplexity(base_losses), n_tokens=int(base_losses.numel()))
-    if not weights:
-        return impact
-    impact.single = [ppl(f"perplexity: {w.label()} zeroed", [w]) for w in weights]
-    impact.all_zeroed = ppl("perplexity: all zeroed", weights)
-    randoms = random_controls(model, weights, np.random.default_rng(ctx.seed))
-    magnitudes = magnitude_controls(model, weights)
-    impact.random_controls = [(c, _value(model, c)) for c in randoms]
-    impact.magnitude_controls = [(c, _value(model, c)) for c in magnitudes]
-    impact.random_control = ppl("perplexity: random controls", randoms)
-    impact.magnitude_control = ppl("perplexity: largest ordinary weights", magnitudes)
-    if params.control_each:
-        impact.random_each = [ppl(f"perplexity: random {c.label()}", [c]) for c in randoms]
-        impact.magnitude_each = [ppl(f"perplexity: largest {c.label()}", [c]) for c in magnitudes]
-    restored_losses = token_losses(
-        model, tokens, batch_size=params.batch_size, progress=ctx.progress, description="perplexity: restored"
-    )
-    impact.restored = perplexity(restored_losses)
-    impact.restored_exact = bool(torch.equal(restored_losses, base_losses))
-    impact.weights_restored_exact = all(
-        torch.equal(down_proj(model, layer).detach(), before) for layer, before in touched.items()
-    )
-    return impact
+    where = f"super_weights case {ctx.case_id}: perplexity"
+    bench = Perplexities.of_case(ctx, batch_size=params.batch_size, needed_by=where)
+    controls = {
+        "random": random_controls(model, weights, np.random.default_rng(ctx.seed)),
+        "magnitude": magnitude_controls(model, weights),
+    }
+    return measure_impact(bench, weights, controls, control_each=params.control_each)
 
 
 # --- accuracy through lm-evaluation-harness -------------------------------------------------------------
@@ -377,7 +293,7 @@ def run(ctx: StepContext, params: SuperWeightsParams) -> StepOutput:
     loaded = ctx.model
     layers = _resolve_layers(ctx, params)
     accuracy_runner = prepare_accuracy(ctx, params) if params.accuracy_tasks else None
-    tokens = _probe_tokens(loaded, params)
+    tokens = probe_tokens(loaded.model, params.probe_text, params.prepend_bos)  # (1, pos)
     strings = [str(loaded.tokenizer.decode([t])) for t in tokens[0].tolist()]
     detection = detect_super_weights(
         loaded.model,
@@ -389,8 +305,9 @@ def run(ctx: StepContext, params: SuperWeightsParams) -> StepOutput:
     )
     _note_detection(ctx, params, detection)
     weights = [f.weight for f in detection.found]
-    impact = measure_impact(ctx, params, weights) if params.perplexity else None
-    _note_impact(ctx, impact)
+    impact = perplexity_impact(ctx, params, weights) if params.perplexity else None
+    if note := restore_note(impact, "super_weights"):
+        ctx.note(note)
     accuracy = measure_accuracy(ctx, params, accuracy_runner, weights) if accuracy_runner else None
     records = _weight_records(ctx, detection, impact)
     summary = _summary(ctx, params, detection, impact, records, accuracy)
@@ -412,16 +329,9 @@ def _resolve_layers(ctx: StepContext, params: SuperWeightsParams) -> list[int]:
     return layers
 
 
-def _probe_tokens(loaded: LoadedModel, params: SuperWeightsParams) -> torch.Tensor:
-    model = loaded.model
-    prepend = model.cfg.default_prepend_bos if params.prepend_bos is None else params.prepend_bos
-    tokens = model.to_tokens(params.probe_text, prepend_bos=prepend)  # (1, pos)
-    return tokens.to(next(model.parameters()).device)
-
-
-def _note_detection(ctx: StepContext, params: SuperWeightsParams, detection: Detection) -> None:
+def _note_detection(ctx: StepContext, params: SuperWeightsParams, detection: Detection[LayerSpike]) -> None:
     if not detection.found:
-        best = max(detection.passes[0], key=lambda s: min(abs(s.input_value), abs(s.output_value)))
+        best = max(detection.passes[0], key=lambda s: s.strength)
         ctx.note(
             f"No layer has both spikes above spike_threshold={params.spike_threshold:g}. The strongest is "
             f"layer {best.layer}: |input| {abs(best.input_value):.3g}, "
@@ -437,24 +347,9 @@ def _note_detection(ctx: StepContext, params: SuperWeightsParams, detection: Det
         )
 
 
-def _note_impact(ctx: StepContext, impact: Impact | None) -> None:
-    if impact is None:
-        return
-    if impact.restored_exact is False:
-        ctx.note(
-            f"Perplexity after restoring the weights ({impact.restored!r}) differs from the baseline "
-            f"({impact.baseline!r}) although the weights are restored exactly "
-            f"({impact.weights_restored_exact}): the device computes non-deterministically."
-        )
-    if impact.weights_restored_exact is False:
-        raise RuntimeError("super_weights: the edited tensors differ from the originals after restoring")
-
-
-def _ratio(value: float | None, baseline: float) -> float | None:
-    return None if value is None else value / baseline
-
-
-def _weight_records(ctx: StepContext, detection: Detection, impact: Impact | None) -> list[dict[str, Any]]:
+def _weight_records(
+    ctx: StepContext, detection: Detection[LayerSpike], impact: Impact | None
+) -> list[dict[str, Any]]:
     """One row per detected weight: where, how large, what revealed it, what zeroing it does."""
     records = []
     for i, found in enumerate(detection.found):
@@ -470,7 +365,7 @@ def _weight_records(ctx: StepContext, detection: Detection, impact: Impact | Non
             "output_value": spike.output_value,
             "input_position": spike.input_position,
             "output_position": spike.output_position,
-            "token": found.token,
+            "token": _token(detection, spike.input_position),
         }
         if impact is not None:
             record["ppl"] = impact.single[i]
@@ -479,15 +374,21 @@ def _weight_records(ctx: StepContext, detection: Detection, impact: Impact | Non
     return records
 
 
-def _control_records(
-    controls: list[tuple[SuperWeight, float]], each: list[float], baseline: float
-) -> list[Any]:
+def _token(detection: Detection[LayerSpike], position: int) -> str:
+    """The probe token at ``position`` (empty when the strings were not given)."""
+    tokens = detection.probe_tokens
+    return tokens[position] if position < len(tokens) else ""
+
+
+def _control_records(impact: Impact, name: str) -> list[dict[str, Any]]:
+    """Each control of set ``name``: where, its value, and perplexity with it alone zeroed (if measured)."""
+    control = impact.controls[name]
     rows = []
-    for i, (weight, value) in enumerate(controls):
+    for i, (weight, value) in enumerate(zip(control.weights, control.values, strict=True)):
         row: dict[str, Any] = {**weight.as_dict(), "value": value}
-        if each:
-            row["ppl"] = each[i]
-            row["ppl_ratio"] = each[i] / baseline
+        if control.each:
+            row["ppl"] = control.each[i]
+            row["ppl_ratio"] = control.each[i] / impact.baseline
         rows.append(row)
     return rows
 
@@ -495,16 +396,16 @@ def _control_records(
 def _ppl_summary(impact: Impact | None) -> dict[str, Any] | None:
     if impact is None:
         return None
-    base = impact.baseline
+    random, magnitude = impact.controls["random"].together, impact.controls["magnitude"].together
     return {
-        "baseline": base,
+        "baseline": impact.baseline,
         "all_zeroed": impact.all_zeroed,
-        "ratio_all": _ratio(impact.all_zeroed, base),
-        "max_single_ratio": max((p / base for p in impact.single), default=None),
-        "random_control": impact.random_control,
-        "random_control_ratio": _ratio(impact.random_control, base),
-        "magnitude_control": impact.magnitude_control,
-        "magnitude_control_ratio": _ratio(impact.magnitude_control, base),
+        "ratio_all": impact.ratio(impact.all_zeroed),
+        "max_single_ratio": impact.max_ratio(impact.single),
+        "random_control": random,
+        "random_control_ratio": impact.ratio(random),
+        "magnitude_control": magnitude,
+        "magnitude_control_ratio": impact.ratio(magnitude),
         "restored": impact.restored,
         "restored_exact": impact.restored_exact,
         "weights_restored_exact": impact.weights_restored_exact,
@@ -512,9 +413,9 @@ def _ppl_summary(impact: Impact | None) -> dict[str, Any] | None:
     }
 
 
-def _top_candidates(detection: Detection, k: int) -> list[dict[str, Any]]:
+def _top_candidates(detection: Detection[LayerSpike], k: int) -> list[dict[str, Any]]:
     """The first pass's layers ranked by their weaker spike, ``min(|input|, |output|)``."""
-    ranked = sorted(detection.passes[0], key=lambda s: -min(abs(s.input_value), abs(s.output_value)))
+    ranked = sorted(detection.passes[0], key=lambda s: -s.strength)
     return [
         {**s.weight.as_dict(), "input_value": s.input_value, "output_value": s.output_value}
         for s in ranked[:k]
@@ -524,7 +425,7 @@ def _top_candidates(detection: Detection, k: int) -> list[dict[str, Any]]:
 def _summary(
     ctx: StepContext,
     params: SuperWeightsParams,
-    detection: Detection,
+    detection: Detection[LayerSpike],
     impact: Impact | None,
     records: list[dict[str, Any]],
     accuracy: dict[str, dict[str, Any]] | None = None,
@@ -542,8 +443,8 @@ def _summary(
         "controls": None
         if impact is None or not records
         else {
-            "random": _control_records(impact.random_controls, impact.random_each, impact.baseline),
-            "magnitude": _control_records(impact.magnitude_controls, impact.magnitude_each, impact.baseline),
+            "random": _control_records(impact, "random"),
+            "magnitude": _control_records(impact, "magnitude"),
         },
         "accuracy": None
         if accuracy is None
@@ -559,7 +460,7 @@ def _summary(
     }
 
 
-def _spike_rows(detection: Detection, threshold: float) -> list[dict[str, Any]]:
+def _spike_rows(detection: Detection[LayerSpike], threshold: float) -> list[dict[str, Any]]:
     found = {(f.iteration, f.weight) for f in detection.found}
     return [
         {
@@ -576,7 +477,7 @@ def _spike_rows(detection: Detection, threshold: float) -> list[dict[str, Any]]:
 def _data_files(
     ctx: StepContext,
     params: SuperWeightsParams,
-    detection: Detection,
+    detection: Detection[LayerSpike],
     impact: Impact | None,
     records: list[dict[str, Any]],
     summary: dict[str, Any],
@@ -634,7 +535,7 @@ def _dataset_facts(ctx: StepContext, params: SuperWeightsParams) -> dict[str, An
 def _plots(
     ctx: StepContext,
     params: SuperWeightsParams,
-    detection: Detection,
+    detection: Detection[LayerSpike],
     impact: Impact | None,
     records: list[dict[str, Any]],
 ) -> dict[str, Figure]:
@@ -648,7 +549,7 @@ def _plots(
     return plots
 
 
-def _detection_plot(detection: Detection, threshold: float, model_name: str) -> Figure:
+def _detection_plot(detection: Detection[LayerSpike], threshold: float, model_name: str) -> Figure:
     """Largest |input| and |output| per layer, one line per probe pass; detected weights starred."""
     fig = Figure(figsize=(10, 4.2), layout="constrained")
     axes = fig.subplots(1, 2, sharex=True)
@@ -711,14 +612,11 @@ def _impact_plot(impact: Impact, records: list[dict[str, Any]], model_name: str)
     labels = ["baseline"] + [f"L{r['layer']} R{r['row']} C{r['col']}" for r in records]
     values = [impact.baseline] + [r["ppl"] for r in records]
     colors = ["tab:gray"] + ["tab:red"] * len(records)
-    for name, each, color in (
-        ("random", impact.random_each, "tab:blue"),
-        ("largest", impact.magnitude_each, "tab:green"),
-    ):
-        controls = impact.random_controls if name == "random" else impact.magnitude_controls
-        labels += [f"{name} {c.label()}" for c, _ in controls[: len(each)]]
-        values += each
-        colors += [color] * len(each)
+    for name, label, color in (("random", "random", "tab:blue"), ("magnitude", "largest", "tab:green")):
+        control = impact.controls[name]
+        labels += [f"{label} {c.label()}" for c in control.weights[: len(control.each)]]
+        values += control.each
+        colors += [color] * len(control.each)
     fig = Figure(figsize=(max(5.0, 0.45 * len(values) + 2), 4.2), layout="constrained")
     _bars(fig.add_subplot(), labels, values, colors, impact.baseline)
     fig.suptitle(f"{model_name} · perplexity with one weight zeroed (dotted: baseline)", fontsize=10)
@@ -730,8 +628,8 @@ def _combined_plot(impact: Impact, model_name: str) -> Figure:
     conditions = [
         ("baseline", impact.baseline, "tab:gray"),
         ("all super weights\nzeroed", impact.all_zeroed, "tab:red"),
-        ("random coords\nzeroed", impact.random_control, "tab:blue"),
-        ("largest ordinary\nweights zeroed", impact.magnitude_control, "tab:green"),
+        ("random coords\nzeroed", impact.controls["random"].together, "tab:blue"),
+        ("largest ordinary\nweights zeroed", impact.controls["magnitude"].together, "tab:green"),
         ("restored", impact.restored, "tab:gray"),
     ]
     kept = [

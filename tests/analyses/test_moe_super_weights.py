@@ -26,8 +26,10 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 
-from analyses._moe import ExpertWeight, expert_zeroed, measure_expert_peaks, routed_tokens
-from analyses.moe_super_weights import MoESuperWeightsParams, moe_super_weights, router_stats
+from analyses._moe import measure_expert_peaks, routed_tokens
+from analyses._weights import SuperWeight, zeroed
+from analyses.moe_super_weights import MoESuperWeightsParams, moe_super_weights
+from analyses.moe_super_weights.compute import router_stats
 from runner.artifacts import RunFolder, to_jsonable
 from runner.datasets import TokenDataset
 from runner.errors import ResourceError
@@ -149,7 +151,7 @@ def state(model: Any) -> dict[str, torch.Tensor]:
 
 def assert_same_state(before: dict[str, torch.Tensor], model: Any) -> None:
     after = model.state_dict()
-    # Bit-exact: `expert_zeroed` writes the saved values back, a copy and not a computation.
+    # Bit-exact: `zeroed` writes the saved values back, a copy and not a computation.
     assert all(torch.equal(before[name], after[name]) for name in before)
 
 
@@ -216,7 +218,8 @@ def ppl_with(loaded: LoadedModel, tokens: torch.Tensor, zero: list[dict[str, int
 def test_expert_weight_is_hugging_face_down_proj_untransposed(planted: LoadedModel) -> None:
     w_out = planted.model.blocks[LAYER].mlp.experts[EXPERT].W_out.weight
     assert tuple(w_out.shape) == (D_MODEL, D_MLP)
-    weight = ExpertWeight(LAYER, EXPERT, ROW, COL)
+    weight = SuperWeight(LAYER, ROW, COL, expert=EXPERT)
+    assert weight.tensor(planted.model) is w_out and weight.index() == (ROW, COL)
     assert float(w_out.detach()[weight.index()]) == 10.0  # planted as down_proj[EXPERT, ROW, COL]
     assert weight.label() == f"L{LAYER}-E{EXPERT}-R{ROW}-C{COL}"
 
@@ -224,8 +227,8 @@ def test_expert_weight_is_hugging_face_down_proj_untransposed(planted: LoadedMod
 def test_expert_zeroed_zeroes_inside_and_restores_bit_exact(planted: LoadedModel) -> None:
     model = copy.deepcopy(planted.model)
     before = state(model)
-    weights = [ExpertWeight(0, 1, ROW, COL), ExpertWeight(1, 3, 0, 0), ExpertWeight(0, 1, ROW, COL)]
-    with expert_zeroed(model, weights):
+    weights = [SuperWeight(0, ROW, COL, expert=1), SuperWeight(1, 0, 0, expert=3)]
+    with zeroed(model, [*weights, weights[0]]):  # the same entry twice
         assert float(model.blocks[0].mlp.experts[1].W_out.weight.detach()[ROW, COL]) == 0.0
         assert float(model.blocks[1].mlp.experts[3].W_out.weight.detach()[0, 0]) == 0.0
         changed = [n for n in before if not torch.equal(before[n], model.state_dict()[n])]
@@ -236,7 +239,7 @@ def test_expert_zeroed_zeroes_inside_and_restores_bit_exact(planted: LoadedModel
 def test_expert_zeroed_restores_after_an_exception(planted: LoadedModel) -> None:
     model = copy.deepcopy(planted.model)
     before = state(model)
-    with pytest.raises(KeyError), expert_zeroed(model, [ExpertWeight(0, 2, 1, 1)]):
+    with pytest.raises(KeyError), zeroed(model, [SuperWeight(0, 1, 1, expert=2)]):
         raise KeyError("inside")
     assert_same_state(before, model)
 
@@ -470,7 +473,7 @@ def test_dense_model_is_refused_pointing_at_super_weights(
 
 
 def test_layers_beyond_the_model_name_the_moe_layers(planted: LoadedModel, dataset: TokenDataset) -> None:
-    with pytest.raises(ResourceError, match=r"layers \[4\] do not exist .*\n.*layers are 0-1"):
+    with pytest.raises(ResourceError, match=r"layer 4 does not exist .*\n(.*\n)?.*layers are 0-1"):
         run(planted, dataset, layers="0,4")
 
 

@@ -18,11 +18,13 @@ import torch
 from matplotlib.image import imread
 
 from analyses.super_weight_comparison import SuperWeightComparisonParams, super_weight_comparison
-from analyses.super_weights import SuperWeightsParams, super_weights
+from analyses.super_weight_vocab import SuperWeightVocabParams, SuperWeightVocabResult
+from analyses.super_weights import SuperWeightsParams, SuperWeightsResult, super_weights
 from runner.artifacts import RunFolder
 from runner.datasets import TokenDataset
-from runner.errors import ResourceError
+from runner.errors import RunnerError
 from runner.models import LoadedModel, hooked_llama_from_hf
+from runner.results import result_bytes, result_from_files
 from runner.step import FinishedCase, StepContext, StepOutput
 
 LAYER, NEURON = 1, 5
@@ -46,18 +48,20 @@ def llama(tiny_llama: Any, tiny_tokenizer: Any) -> LoadedModel:
     return LoadedModel("tiny-llama", model, tiny_tokenizer, "tiny llama", {})
 
 
-def run_super_weights(loaded: LoadedModel, case_id: str, **params: Any) -> FinishedCase:
-    """One finished ``super_weights`` case, as the executor hands it to later steps."""
+def run_super_weights(loaded: LoadedModel, case_id: str, **params: Any) -> FinishedCase[SuperWeightsResult]:
+    """One finished ``super_weights`` case, as the executor hands it to later steps (result reloaded)."""
     generator = torch.Generator().manual_seed(3)
     tokens = torch.randint(3, loaded.model.cfg.d_vocab, (6, 10), generator=generator)  # (n, max_len)
     resources = {"model": loaded, "dataset": TokenDataset("random", tokens, fingerprint="x")}
     ctx = StepContext(case_id=case_id, seed=0, device="cpu", resources=resources.__getitem__)
     settings = SuperWeightsParams(**{"spike_threshold": 50.0, "max_iterations": 3, **params})
-    return FinishedCase(case_id, "super_weights", settings, loaded.name, super_weights(ctx, settings))
+    output = super_weights(ctx, settings)
+    result = result_from_files(SuperWeightsResult, *result_bytes(output.result))
+    return FinishedCase(case_id, "super_weights", "super_weights", settings, loaded.name, result)
 
 
 @pytest.fixture(scope="module")
-def upstream(planted: LoadedModel, llama: LoadedModel) -> list[FinishedCase]:
+def upstream(planted: LoadedModel, llama: LoadedModel) -> list[FinishedCase[SuperWeightsResult]]:
     """super_weights on two models: the planted one (two weights) and the tiny Llama (one weight found
     in layer 0 with a threshold low enough for its random weights)."""
     return [
@@ -68,7 +72,7 @@ def upstream(planted: LoadedModel, llama: LoadedModel) -> list[FinishedCase]:
     ]
 
 
-def compare(cases: list[FinishedCase], **params: Any) -> tuple[StepOutput, StepContext]:
+def compare(cases: list[FinishedCase[SuperWeightsResult]], **params: Any) -> tuple[StepOutput, StepContext]:
     """The comparison as the executor runs it: no resources, only the finished cases."""
 
     def no_resource(kind: str) -> Any:
@@ -85,27 +89,29 @@ def compare(cases: list[FinishedCase], **params: Any) -> tuple[StepOutput, StepC
 
 
 @pytest.fixture(scope="module")
-def compared(upstream: list[FinishedCase]) -> StepOutput:
+def compared(upstream: list[FinishedCase[SuperWeightsResult]]) -> StepOutput:
     return compare(upstream)[0]
 
 
-def test_upstream_cases_found_super_weights_in_both_models(upstream: list[FinishedCase]) -> None:
+def test_upstream_cases_found_super_weights_in_both_models(
+    upstream: list[FinishedCase[SuperWeightsResult]],
+) -> None:
     """Guards the fixture: the comparison below compares two non-trivial results."""
-    found = [c.output.summary["n_found"] for c in upstream]
+    found = [c.result.n_found for c in upstream]
     assert found == [2, 1]
 
 
 def test_json_has_each_models_count_coordinates_and_values(
-    upstream: list[FinishedCase], compared: StepOutput
+    upstream: list[FinishedCase[SuperWeightsResult]], compared: StepOutput
 ) -> None:
     rows = compared.data["cross_model_summary.json"]["models"]
     assert [r["model"] for r in rows] == ["planted-gpt2", "tiny-llama"]
     for row, case in zip(rows, upstream, strict=True):
-        summary = case.output.summary
+        result = case.result
         assert row["case"] == case.id
-        assert row["n_super_weights"] == summary["n_found"] == len(row["super_weights"])
+        assert row["n_super_weights"] == result.n_found == len(row["super_weights"])
         assert [(w["layer"], w["row"], w["col"], w["value"]) for w in row["super_weights"]] == [
-            (w["layer"], w["row"], w["col"], w["value"]) for w in summary["weights"]
+            (w.layer, w.row, w.col, w.value) for w in result.weights
         ]
     planted = rows[0]["super_weights"]
     assert {(w["layer"], w["row"], w["col"]) for w in planted} == {(LAYER, 7, NEURON), (LAYER, 9, NEURON)}
@@ -113,12 +119,13 @@ def test_json_has_each_models_count_coordinates_and_values(
 
 
 def test_json_has_perplexity_ratios_against_the_controls(
-    upstream: list[FinishedCase], compared: StepOutput
+    upstream: list[FinishedCase[SuperWeightsResult]], compared: StepOutput
 ) -> None:
     rows = compared.data["cross_model_summary.json"]["models"]
     for row, case in zip(rows, upstream, strict=True):
-        ppl, got = case.output.summary["ppl"], row["perplexity"]
-        assert got["baseline"] == ppl["baseline"]  # copied from the upstream summary
+        assert case.result.ppl is not None
+        ppl, got = case.result.ppl.model_dump(), row["perplexity"]
+        assert got["baseline"] == ppl["baseline"]  # copied from the upstream result
         assert got["ratio_all"] == pytest.approx(ppl["all_zeroed"] / ppl["baseline"])
         for control in ("random_control", "magnitude_control"):
             assert got[f"{control}_ratio"] == pytest.approx(ppl[control] / ppl["baseline"])
@@ -126,11 +133,13 @@ def test_json_has_perplexity_ratios_against_the_controls(
         assert row["accuracy"] is None  # not measured upstream
 
 
-def test_json_tallies_are_keyed_by_model(upstream: list[FinishedCase], compared: StepOutput) -> None:
+def test_json_tallies_are_keyed_by_model(
+    upstream: list[FinishedCase[SuperWeightsResult]], compared: StepOutput
+) -> None:
     data = compared.data["cross_model_summary.json"]
-    ratios = {c.model_name: c.output.summary["ppl"]["ratio_all"] for c in upstream}
+    ratios = {c.model_name: c.result.ppl.ratio_all for c in upstream if c.result.ppl}
     assert data["n_models"] == 2
-    assert data["counts"] == {c.model_name: c.output.summary["n_found"] for c in upstream}
+    assert data["counts"] == {c.model_name: c.result.n_found for c in upstream}
     assert data["ratio_all"] == pytest.approx(ratios)
     assert data["largest_ratio_all"] == max(ratios, key=ratios.__getitem__)
     assert data["most_super_weights"] == ["planted-gpt2"]  # 2 planted against the Llama's 1
@@ -148,7 +157,9 @@ def test_files_are_written_and_the_png_opens(compared: StepOutput, tmp_path: Pat
     assert png == "plots/comparison/model_comparison.png" and image.shape[0] > 100 and image.shape[1] > 100
 
 
-def test_one_model_gives_a_note_and_still_writes_its_row(upstream: list[FinishedCase]) -> None:
+def test_one_model_gives_a_note_and_still_writes_its_row(
+    upstream: list[FinishedCase[SuperWeightsResult]],
+) -> None:
     output, ctx = compare(upstream[:1])
     assert output.summary["n_models"] == 1
     assert any("Only one model (planted-gpt2)" in note for note in ctx.notes)
@@ -162,20 +173,31 @@ def test_no_upstream_case_gives_a_note_not_an_error() -> None:
     assert any("Nothing to compare: Step 'super_weights' has no finished case" in note for note in ctx.notes)
 
 
-def test_several_cases_of_one_model_are_kept_apart(upstream: list[FinishedCase]) -> None:
-    again = FinishedCase("super_weights[x]", "super_weights", None, "planted-gpt2", upstream[0].output)
-    output, _ = compare([upstream[0], again, upstream[1]])
+def test_several_cases_of_one_model_are_kept_apart(upstream: list[FinishedCase[SuperWeightsResult]]) -> None:
+    first = upstream[0]
+    again = FinishedCase(
+        "super_weights[x]", "super_weights", "super_weights", first.params, "planted-gpt2", first.result
+    )
+    output, _ = compare([first, again, upstream[1]])
     counts = output.data["cross_model_summary.json"]["counts"]
     assert counts == {
-        upstream[0].id: 2,
+        first.id: 2,
         "super_weights[x]": 2,
-        "tiny-llama": upstream[1].output.summary["n_found"],
+        "tiny-llama": upstream[1].result.n_found,
     }
 
 
-def test_from_step_that_is_not_super_weights_is_refused(upstream: list[FinishedCase]) -> None:
-    other = FinishedCase("vocab", "vocab", None, "tiny-llama", StepOutput(summary={"weights": []}))
-    with pytest.raises(ResourceError, match=r"Case vocab of step 'vocab' has no super weights"):
+def test_from_step_that_is_not_super_weights_is_refused() -> None:
+    vocab = SuperWeightVocabResult(
+        model="tiny-llama", n_weights=0, windows={}, baselines=None, weights=[], neurons=[]
+    )
+    other = FinishedCase(
+        "vocab", "vocab", "super_weight_vocab", SuperWeightVocabParams(), "tiny-llama", vocab
+    )
+    with pytest.raises(
+        RunnerError,
+        match=r"reads step 'vocab' as SuperWeightsResult, but that step runs analysis 'super_weight_vocab'",
+    ):
         compare([other], from_step="vocab")
 
 

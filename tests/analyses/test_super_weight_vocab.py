@@ -17,19 +17,19 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from analyses.super_weight_vocab import (
+from analyses.super_weight_vocab import SuperWeightVocabParams, super_weight_vocab
+from analyses.super_weight_vocab.compute import (
     METRICS,
     STOPWORDS,
-    SuperWeightVocabParams,
     Vocabulary,
     build_windows,
     enrichment,
     moments,
     neuron_effects,
-    super_weight_vocab,
     token_classes,
     window_metrics,
 )
+from analyses.super_weights import SuperWeightsParams, SuperWeightsResult, WeightRecord
 from runner.artifacts import RunFolder
 from runner.datasets import TokenDataset
 from runner.errors import ResourceError, RunnerError
@@ -71,13 +71,12 @@ def dataset() -> TokenDataset:
 def context(
     loaded: LoadedModel, dataset: TokenDataset, finished: list[FinishedCase] | None = None, seed: int = 0
 ) -> StepContext:
-    resources = {"model": loaded, "dataset": dataset}
-    return StepContext(
-        case_id="case",
+    return StepContext.standalone(
+        model=loaded,
+        dataset=dataset,
         seed=seed,
-        device="cpu",
-        resources=resources.__getitem__,
-        finished=lambda step_id: list(finished or []) if step_id == "super_weights" else [],
+        case_id="case",
+        finished={"super_weights": list(finished or [])},
     )
 
 
@@ -397,10 +396,27 @@ def test_weights_are_restored_bit_exact(planted: LoadedModel, dataset: TokenData
 # --- reading the detection step ----------------------------------------------------------------------------
 
 
-def finished(model_name: str, weights: list[dict[str, Any]]) -> FinishedCase:
-    return FinishedCase(
-        "super_weights", "super_weights", None, model_name, StepOutput(summary={"weights": weights})
+def finished(model_name: str, weights: list[dict[str, Any]]) -> FinishedCase[SuperWeightsResult]:
+    """A finished ``super_weights`` case on ``model_name`` that found ``weights`` (the rest left empty)."""
+    records = [
+        WeightRecord(value=1.0, iteration=0, input_value=100.0, output_value=100.0, **w) for w in weights
+    ]
+    result = SuperWeightsResult(
+        model=model_name,
+        n_found=len(records),
+        weights=records,
+        strongest=None,
+        ppl=None,
+        controls=None,
+        accuracy=None,
+        converged=True,
+        iterations=1,
+        spike_threshold=50.0,
+        probe_tokens=[],
+        top_candidates=[],
     )
+    params = SuperWeightsParams()
+    return FinishedCase("super_weights", "super_weights", "super_weights", params, model_name, result)
 
 
 def test_weights_come_from_the_detection_step_strongest_first(
@@ -440,6 +456,13 @@ def test_no_detected_weights_is_a_note_not_an_error(planted: LoadedModel, datase
 def test_weights_outside_the_tensor_are_refused(planted: LoadedModel, dataset: TokenDataset) -> None:
     with pytest.raises(ResourceError, match="L1-R99-C5 is outside layer 1's down_proj, which has 32 rows"):
         run(planted, dataset, weights=[[1, 99, 5]], **WINDOWS)
+
+
+def test_weights_in_missing_layers_name_the_valid_layers(planted: LoadedModel, dataset: TokenDataset) -> None:
+    with pytest.raises(
+        ResourceError, match=r"layer 7 does not exist in model 'planted', which has 2 layers \(0-1\)"
+    ):
+        run(planted, dataset, weights=[[7, 0, 0]], **WINDOWS)
 
 
 # --- files, plots, report --------------------------------------------------------------------------------

@@ -20,27 +20,21 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from analyses._transformers_view import llama_transformers_view as hf_llama_view
 from analyses._weights import (
-    Edit,
+    Neuron,
     SuperWeight,
-    down_proj,
     magnitude_controls,
-    neuron_edit,
     perplexity,
     token_losses,
     zeroed,
 )
-from analyses.super_weights import (
-    SuperWeightsParams,
-    detect_super_weights,
-    measure_spikes,
-    super_weights,
-)
+from analyses.super_weights import SuperWeightsParams, super_weights
+from analyses.super_weights.compute import detect_super_weights, measure_spikes
 from runner.artifacts import RunFolder
 from runner.datasets import TokenDataset
 from runner.errors import ResourceError
 from runner.models import LoadedModel, hooked_llama_from_hf
-from runner.models import llama_transformers_view as hf_llama_view
 from runner.step import StepContext, StepOutput
 
 LAYER, NEURON, FIRST_ROW, SECOND_ROW = 1, 5, 7, 9
@@ -110,7 +104,7 @@ def test_super_weight_indexes_w_out_transposed() -> None:
 def test_zeroed_zeroes_inside_and_restores_bit_exact(tiny_model: LoadedModel) -> None:
     model = copy.deepcopy(tiny_model.model)
     before = state(model)
-    edits = [SuperWeight(0, 3, 4), neuron_edit(0, 4), SuperWeight(1, 31, 63)]  # overlapping regions
+    edits = [SuperWeight(0, 3, 4), Neuron(0, 4), SuperWeight(1, 31, 63)]  # overlapping regions
     with zeroed(model, edits):
         assert float(model.blocks[0].mlp.W_out.detach()[4, 3]) == 0.0
         assert torch.count_nonzero(model.blocks[0].mlp.W_out[4]) == 0
@@ -122,7 +116,7 @@ def test_zeroed_zeroes_inside_and_restores_bit_exact(tiny_model: LoadedModel) ->
 def test_zeroed_restores_after_an_exception(tiny_model: LoadedModel) -> None:
     model = copy.deepcopy(tiny_model.model)
     before = state(model)
-    with pytest.raises(KeyError), zeroed(model, [Edit(1, (slice(None), 0))]):
+    with pytest.raises(KeyError), zeroed(model, [Neuron(1, 0)]):
         raise KeyError("inside")
     assert_same_state(before, model)
 
@@ -131,11 +125,6 @@ def test_zeroed_leaves_gradients_enabled_inside(tiny_model: LoadedModel) -> None
     model = copy.deepcopy(tiny_model.model)
     with zeroed(model, [SuperWeight(0, 1, 1)]):
         assert torch.is_grad_enabled()
-
-
-def test_down_proj_names_the_valid_layers(tiny_model: LoadedModel) -> None:
-    with pytest.raises(ResourceError, match=r"Layer 7 does not exist: the model has 2 layers \(0-1\)"):
-        down_proj(tiny_model.model, 7)
 
 
 def test_token_losses_match_cross_entropy_from_logits(tiny_model: LoadedModel, dataset: TokenDataset) -> None:
@@ -197,6 +186,16 @@ def test_nothing_found_below_threshold_lists_top_candidates(
     assert (top["layer"], top["row"], top["col"]) == (LAYER, FIRST_ROW, NEURON)
     assert "No layer has both spikes above spike_threshold=1e+06" in ctx.notes[0]
     assert list(output.plots) == ["detection_iterations.png"]
+
+
+def test_nothing_found_with_perplexity_measures_only_the_baseline(
+    planted: LoadedModel, dataset: TokenDataset
+) -> None:
+    output, _ = run(planted, dataset, spike_threshold=1e6)
+    summary = output.summary
+    assert summary["n_found"] == 0 and summary["controls"] is None
+    assert summary["ppl"]["baseline"] == pytest.approx(ppl_with(planted, dataset, []), rel=1e-5)
+    assert summary["ppl"]["all_zeroed"] is None and summary["ppl"]["restored"] is None  # nothing zeroed
 
 
 # --- the analysis --------------------------------------------------------------------------------------
@@ -314,7 +313,7 @@ def test_plots_are_the_seed_figures(result: tuple[StepOutput, StepContext], tmp_
 
 
 def test_layers_beyond_the_model_name_the_valid_range(planted: LoadedModel, dataset: TokenDataset) -> None:
-    with pytest.raises(ResourceError, match=r"layers \[4\] do not exist .* which has 2 layers \(0-1\)"):
+    with pytest.raises(ResourceError, match=r"layer 4 does not exist .* which has 2 layers \(0-1\)"):
         run(planted, dataset, layers="0-1,4")
 
 
