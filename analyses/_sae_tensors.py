@@ -215,9 +215,16 @@ class CleanReference:
       ``= -u · (n' - n) + (lse' - lse) Σ_v p_v`` with ``u = p @ W_U^T``
     - summed logit changes ``Σ_t (logits' - logits) = (Σ_t (n' - n)) @ W_U``
 
-    so the clean run keeps no ``(B, T, d_vocab)`` tensor, and an unchanged position gives exactly 0
-    (every term is a difference of identical numbers). With a soft cap (Gemma 2) the clean
+    so the clean run keeps no ``(B, T, d_vocab)`` tensor. With a soft cap (Gemma 2) the clean
     log-probabilities are kept and the same quantities are computed over the vocabulary.
+
+    An unchanged position compares as 0 only to float32 rounding, not exactly: recomputed by another
+    pass (other shapes, other kernels) its residual may differ from the clean one in the last bits,
+    and even an identical residual gets its log-sum-exp from an unembedding matmul on another number
+    of rows than the clean pass's. Exact zeros come from not comparing what cannot change: the fast
+    path of ``sae_interventions`` skips identities and passages it does not edit, never runs a
+    pass's positions before its first edit, and takes a row's positions from there to its own first
+    edit as the clean run.
     """
 
     normed: torch.Tensor
@@ -297,6 +304,11 @@ class RowComparison:
     new_top_prob: torch.Tensor
     shift: torch.Tensor
     """``(R, P, K)`` change of the unembedding's input (K = d_model) or of the logits (K = d_vocab)."""
+    clean_top: torch.Tensor
+    """The clean top-1 token, as the comparison's own clean side computes it: a row whose logits are
+    the clean ones has ``new_top == clean_top``."""
+    clean_top_prob: torch.Tensor
+    """Its probability."""
 
 
 def compare_rows(
@@ -317,7 +329,8 @@ def compare_rows(
     delta_loss = lse_change.double() - (shift * target_rows).sum(-1, dtype=torch.float64)
     kl = -(clean.weighted_unembed[passages, s:stop] * shift.double()).sum(-1)
     kl = kl + lse_change.double() * clean.prob_sum[passages, s:stop]
-    return RowComparison(delta_loss, kl, new_top, (top_logit - lse).exp(), shift)
+    clean_top, clean_top_prob = clean.top[passages, s:stop], clean.top_prob[passages, s:stop]
+    return RowComparison(delta_loss, kl, new_top, (top_logit - lse).exp(), shift, clean_top, clean_top_prob)
 
 
 def _compare_in_vocab(
@@ -338,7 +351,8 @@ def _compare_in_vocab(
     delta_loss = (logp.gather(-1, targets) - logq.gather(-1, targets)).squeeze(-1).double()
     kl = (logp.exp() * (logp - logq)).sum(-1, dtype=torch.float64)
     shift = logits - (logp + clean.lse[passages, s:stop].unsqueeze(-1))
-    return RowComparison(delta_loss, kl, new_top, new_top_prob, shift)
+    clean_top, clean_top_prob = clean.top[passages, s:stop], clean.top_prob[passages, s:stop]
+    return RowComparison(delta_loss, kl, new_top, new_top_prob, shift, clean_top, clean_top_prob)
 
 
 def shift_to_logits(model: HookedTransformer, sums: torch.Tensor, in_vocab_space: bool) -> torch.Tensor:

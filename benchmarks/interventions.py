@@ -150,12 +150,12 @@ def params(args: argparse.Namespace, method: str, features: list[int] | None, fo
 
 def pick_features(model: Any, dataset: Any, args: argparse.Namespace) -> list[int]:
     """The features the spec's selection picks, chosen once so that both methods time the same work."""
-    from analyses.sae_interventions.compute import _select_features
+    from analyses.sae_interventions.select import select_features
 
     ctx = context(model, dataset, args.seed)
     chosen = params(args, "fast", None)
     saes = ctx.saes(chosen.sae, layers=chosen.layers, site=chosen.hook, where="benchmark")
-    features, _ = _select_features(ctx, chosen, saes, model.tokenizer.bos_token_id, "benchmark")
+    features, _ = select_features(ctx, chosen, saes, model.tokenizer.bos_token_id, "benchmark")
     return features[0]
 
 

@@ -27,6 +27,10 @@ Two ways to compute the same numbers (``method``):
 
 - ``loop``: the seed's way. One full forward pass per (layer, feature, alpha) and batch of passages,
   with a hook that encodes the activation and applies the edit, then log-softmax over the vocabulary.
+  The intervened pass is the clean pass's computation (the same blocks on the same batch, the same
+  unembedding of the same positions), so wherever the hook adds exactly 0 (alpha = 1 under
+  ``scale``; passages where a scaled or ablated feature never fires) it gives the clean logits bit
+  for bit and every metric exactly 0.
 - ``fast`` (default): one clean pass per batch of passages keeps the activations at each SAE's hook,
   the keys and values of later layers, and what the comparisons need of the clean predictions
   (``CleanReference``: d_model-sized vectors, not logits). Then it skips exactly what
@@ -35,7 +39,9 @@ Two ways to compute the same numbers (``method``):
   counting in every mean). The other interventions run only the layers after the hook
   (``start_at_layer``) and only the positions from the first edited one on: a causal model's
   earlier positions are unchanged, so their keys and values come from the clean pass (as a prefix
-  of cached keys and values). Many (passage, feature, alpha) rows share one forward pass.
+  of cached keys and values). Many (passage, feature, alpha) rows share one forward pass, from the
+  first edited position of its rows; a row's positions before its own first edit are taken as the
+  clean run (recomputed, they would differ from it by rounding only).
   The rows run through a lean forward of the same blocks (``analyses/_lean_forward.py``: MLP and
   output weights read in place, one matmul for Q, K and V, scaled-dot-product attention), checked
   against TransformerLens' forward on the model's own weights when the run starts; models it does

@@ -22,10 +22,10 @@ from analyses.activation_importance import (
 )
 from runner.artifacts import RunFolder
 from runner.datasets import TokenDataset
-from runner.hooks import hook_name
-from runner.results import result_bytes, result_from_files, to_jsonable
 from runner.errors import ResourceError
+from runner.hooks import hook_name
 from runner.models import LoadedModel
+from runner.results import result_bytes, result_from_files
 from runner.step import StepContext, StepOutput
 
 SITES = ["mlp_post", "resid_pre", "resid_mid", "resid_post", "mlp_out", "attn_out"]

@@ -7,12 +7,11 @@ import pytest
 from pydantic import BaseModel, ConfigDict
 
 from runner.artifacts import RunFolder
-from runner.results import to_jsonable
 from runner.errors import RunnerError
 from runner.params import parse_indices
 from runner.registry import Registry, analysis
 from runner.reports import fmt
-from runner.results import StepResult
+from runner.results import StepResult, to_jsonable
 
 
 @pytest.mark.parametrize(
