@@ -18,6 +18,7 @@ import torch
 
 from runner.artifacts import RunFolder
 from runner.reports import CaseView, PlotView, environment
+from runner.results import result_bytes, result_from_files
 from runner.step import StepOutput
 
 TINY_VOCAB = 320
@@ -218,9 +219,13 @@ def render_partial(tmp_path: Path) -> Callable[..., str]:
     ``plots/<step id>/``, the case id being the step id as for an unswept step), the case is the
     report's :class:`CaseView` with :class:`PlotView` plots (real PNG data URIs), and the template
     comes from :func:`runner.reports.environment` (the real ``fmt`` filter, HTML autoescaping).
+    The summary comes from the result as the run folder stores it (``results/<case>.json`` + NPZ),
+    which must give back an equal result: every analysis' partial test checks its result's round trip.
     """
 
     def render(output: StepOutput, template: str, *, step_id: str = "case") -> str:
+        stored = result_from_files(type(output.result), *result_bytes(output.result))
+        assert stored == output.result, "the result does not survive its JSON and NPZ files"
         folder = RunFolder(tmp_path)
         plots = [PlotView(Path(p).stem, p, tmp_path) for p in folder.write_plots(step_id, output.plots)]
         case = CaseView(
@@ -232,7 +237,7 @@ def render_partial(tmp_path: Path) -> Callable[..., str]:
             duration=0.0,
             params={},
             sweep_values={},
-            summary=output.summary,
+            summary=stored.summary(),
             notes=list(output.notes),
             checks=[],
             error=None,

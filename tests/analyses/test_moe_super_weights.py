@@ -16,11 +16,11 @@ import copy
 import json
 import math
 import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import jinja2
 import pytest
 import torch
 import torch.nn.functional as F
@@ -30,13 +30,12 @@ from analyses._moe import measure_expert_peaks, routed_tokens
 from analyses._weights import SuperWeight, zeroed
 from analyses.moe_super_weights import MoESuperWeightsParams, moe_super_weights
 from analyses.moe_super_weights.compute import router_stats
-from runner.artifacts import RunFolder, to_jsonable
+from runner.artifacts import RunFolder
 from runner.datasets import TokenDataset
 from runner.errors import ResourceError
 from runner.models import LoadedModel, load_model
 from runner.step import StepContext, StepOutput
 
-TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
 D_MODEL, D_MLP, N_EXPERTS, TOP_K = 32, 16, 4, 2
 LAYER, EXPERT, ROW, COL = 0, 1, 7, 5
 DECOY, DECOY_ROW, DECOY_IN, DECOY_OUT = 2, 11, 3, 9
@@ -525,42 +524,11 @@ def test_data_files_and_plots_are_written(result: tuple[StepOutput, StepContext]
         assert (tmp_path / "plots/case" / plot).read_bytes()[:4] == b"\x89PNG"
 
 
-@dataclass
-class PlotStandIn:
-    name: str
-    path: str
-    data_uri: str = "data:image/png;base64,AAAA"
-
-
-@dataclass
-class CaseStandIn:
-    id: str
-    summary: dict[str, Any]
-    plots: list[PlotStandIn]
-    data_files: list[str]
-
-
-def render(output: StepOutput, template: str) -> str:
-    from runner.reports import fmt
-
-    plots = [PlotStandIn(Path(name).stem, f"plots/case/{name}") for name in output.plots]
-    case = CaseStandIn("case", to_jsonable(output.summary), plots, [f"data/case/{n}" for n in output.data])
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(TEMPLATES),
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        autoescape=template.endswith(".html.j2"),
-    )
-    env.filters["fmt"] = fmt
-    return env.get_template(template).render(case=case)
-
-
 @pytest.mark.parametrize("template", ["moe_super_weights.md.j2", "moe_super_weights.html.j2"])
 def test_report_partial_lists_weights_router_and_causal_scores(
-    result: tuple[StepOutput, StepContext], template: str
+    result: tuple[StepOutput, StepContext], render_partial: Callable[..., str], template: str
 ) -> None:
-    text = render(result[0], f"analyses/{template}")
+    text = render_partial(result[0], template)
     summary = result[0].summary
     assert "Mixture-of-experts super weights of" in text
     assert "4 rare experts below the floor (L0 E0, L0 E3, L1 E1, L1 E2)" in text
@@ -571,10 +539,10 @@ def test_report_partial_lists_weights_router_and_causal_scores(
 
 @pytest.mark.parametrize("template", ["moe_super_weights.md.j2", "moe_super_weights.html.j2"])
 def test_report_partial_without_super_weights_lists_top_candidates(
-    planted: LoadedModel, template: str
+    planted: LoadedModel, render_partial: Callable[..., str], template: str
 ) -> None:
     output, _ = run(planted, TokenDataset("z", torch.full((2, 8), Z), fingerprint="z"))
-    text = render(output, f"analyses/{template}")
+    text = render_partial(output, template)
     assert "No super weight accepted (2 candidates: 2 in rare experts, 0 with a low co-spike)" in text
     assert "rare_expert" in text
 
