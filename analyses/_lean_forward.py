@@ -2,26 +2,34 @@
 
 TransformerLens' blocks are written for hooks and readability. Its gated MLP and attention copy
 their weight matrices on every call (``W.T.contiguous()``, ``rearrange(W_O).contiguous()``);
-grouped-query attention repeats keys and values for every query head; and attention builds its
-scores, causal mask and pattern one elementwise pass at a time. The fast path of
+grouped-query attention repeats keys and values for every query head; attention builds its
+scores, causal mask and pattern one elementwise pass at a time; the rotary embedding takes eight
+passes over the queries and keys (a clone, two strided copies, a negation, two products, a sum, a
+concatenation); and every bias is added, though most models' are zero. The fast path of
 ``sae_interventions`` runs hundreds of thousands of token-blocks, so it runs the same blocks with:
 
 - weights used as they are stored (``x @ W``: the matmul reads the transposed layout directly),
   except the Q, K and V projections, copied into one matrix per call (under a quarter of a block's
   weights) so that they take one matmul;
+- the rotary embedding of queries and keys together, in three passes, with the same products and
+  sums as TransformerLens' (``x cos - x' sin``, ``x' cos + x sin``) and its own sine and cosine tables;
 - attention by ``F.scaled_dot_product_attention``, with a prefix of cached keys and values (the
   rows' unchanged positions) and the causal mask offset by its length; grouped-query heads share
   their key-value head without copies;
-- TransformerLens' own norms, activation function and rotary embedding.
+- biases that are all zeros not added (checked again whenever a bias changes), and the gated MLP's
+  SiLU applied in place when no hook has seen its input;
+- TransformerLens' own norms and activation functions.
 
 The block-level hook points are called where TransformerLens calls them (``hook_resid_pre``,
 ``hook_attn_out``, ``hook_resid_mid``, the MLP's ``hook_pre`` / ``hook_pre_linear`` / ``hook_post``,
 ``hook_mlp_out``, ``hook_resid_post``), so hooks on them edit the lean pass as they edit
-TransformerLens' own. Hooks inside attention (``hook_q``, ``hook_k``, ``hook_v``, ``hook_rot_q``,
-``hook_rot_k``, ``hook_attn_scores``, ``hook_pattern``, ``hook_z``, ``hook_result``) are not called.
+TransformerLens' own; :meth:`LeanForward.run` also takes ``edits`` by hook name, applied at the same
+points without registering a hook on the model (so that several threads can run different edits at
+once). Hooks inside attention (``hook_q``, ``hook_k``, ``hook_v``, ``hook_rot_q``, ``hook_rot_k``,
+``hook_attn_scores``, ``hook_pattern``, ``hook_z``, ``hook_result``) are not called.
 
-On SmolLM2-135M (2 CPU cores, passes of about 1500 tokens) a lean block takes 26 us per token against
-TransformerLens' 33 us; past 3000 tokens a pass, TransformerLens' takes about twice as long.
+On SmolLM2-135M (one CPU thread, passes of about 1400 tokens) a lean block takes 82 us per token
+against its matmuls' 74 us (an AMD EPYC); TransformerLens' takes about 30% longer.
 
 Only configurations whose every feature is covered here are accepted (:func:`unsupported_reason`),
 and :meth:`LeanForward.refusal` checks the lean pass against TransformerLens' forward on the model's
@@ -32,8 +40,8 @@ blocking and softmax order differ), not bit for bit.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -42,7 +50,13 @@ import torch.nn.functional as F
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
-__all__ = ["LeanForward", "unsupported_reason"]
+    from runner.step import StepContext
+
+__all__ = ["Edits", "LeanForward", "checked_lean_forward", "unsupported_reason"]
+
+Edits = Mapping[str, Callable[[torch.Tensor], torch.Tensor]]
+"""Edits by hook name (``blocks.3.hook_mlp_out``): each takes the activation there and returns its
+replacement, as a TransformerLens hook would."""
 
 CHECK_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-4, torch.float16: 0.1, torch.bfloat16: 0.1}
 """Largest difference from TransformerLens the check accepts, per dtype: the largest over positions
@@ -98,8 +112,8 @@ def unsupported_reason(model: HookedTransformer) -> str | None:
     return None
 
 
-def _qkv_weight(attn: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q, K and V projections as one ``(d_model, (H + 2 Hkv) d_head)`` matrix and its bias.
+def _qkv_weight(attn: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Q, K and V projections as one ``(d_model, (H + 2 Hkv) d_head)`` matrix, and their three biases.
 
     Built on every call from the live parameters (a copy of (H + 2 Hkv) x d_model x d_head numbers,
     small next to a pass's matmuls), so nothing is kept between calls and weight edits are always seen.
@@ -108,7 +122,29 @@ def _qkv_weight(attn: Any) -> tuple[torch.Tensor, torch.Tensor]:
     w_k, w_v = (attn._W_K, attn._W_V) if grouped else (attn.W_K, attn.W_V)
     b_k, b_v = (attn._b_K, attn._b_V) if grouped else (attn.b_K, attn.b_V)
     weights = [w.permute(1, 0, 2).reshape(w.shape[1], -1) for w in (attn.W_Q, w_k, w_v)]
-    return torch.cat(weights, dim=1), torch.cat([b.reshape(-1) for b in (attn.b_Q, b_k, b_v)])
+    return torch.cat(weights, dim=1), [attn.b_Q, b_k, b_v]
+
+
+def _point(point: Any, x: torch.Tensor, edits: Edits) -> torch.Tensor:
+    """``x`` through a block's hook point (its hooks, if any), then the edit named after it."""
+    x = point(x)
+    edit = edits.get(point.name) if edits else None
+    return x if edit is None else edit(x)
+
+
+def _hooked(point: Any) -> bool:
+    """Whether a hook is registered on ``point`` (it may keep the tensor it sees)."""
+    return bool(point._forward_hooks or point.fwd_hooks)
+
+
+def checked_lean_forward(ctx: StepContext, model: HookedTransformer, instead: str) -> LeanForward | None:
+    """The lean forward of ``model``, checked once per run against TransformerLens' forward; ``None``
+    where it must not run, with a note saying why and what runs ``instead``."""
+    refusal = ctx.cached(("lean_forward_refusal", model), lambda: LeanForward.refusal(model))
+    if refusal is not None:
+        ctx.note(f"{instead}, not the lean forward: {refusal}.")
+        return None
+    return LeanForward(model)
 
 
 @dataclass
@@ -116,6 +152,9 @@ class LeanForward:
     """A model's blocks run the lean way; see the module docstring."""
 
     model: HookedTransformer
+    _zero: dict[int, tuple[tuple[int, int], bool]] = field(default_factory=dict, repr=False, compare=False)
+    """Per bias parameter (by ``id``): its (storage, version) when last checked, and whether it was
+    all zeros then."""
 
     @classmethod
     def of(cls, model: HookedTransformer) -> LeanForward | None:
@@ -162,19 +201,26 @@ class LeanForward:
         start: int,
         stop: int,
         prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        *,
+        edits: Edits | None = None,
+        keep_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
         """The residual stream leaving block ``stop - 1`` given the one entering block ``start``.
 
         ``resid`` ``(B, P, d_model)`` holds positions ``s .. s+P-1``; ``prefix[i]`` is block
         ``start + i``'s keys (rotated) and values ``(B, s, n_kv_heads, d_head)`` at positions ``< s``.
+        ``edits`` apply at block hook points (see :data:`Edits`); ``keep_kv``, when given, receives
+        each block's keys (rotated) and values ``(B, P, n_kv_heads, d_head)`` of positions ``s..``.
         """
         if start >= stop:
             return resid
         offset = 0 if prefix is None else int(prefix[0][0].shape[1])
-        mask = self._causal_mask(resid.shape[1], offset, resid.device)
+        cfg = self.model.cfg
+        group = cfg.n_heads // (cfg.n_key_value_heads or cfg.n_heads)
+        mask = self._causal_mask(resid.shape[1], offset, resid.device).repeat(group, 1)  # (G P, s+P)
         for i, layer in enumerate(range(start, stop)):
             past = None if prefix is None else prefix[i]
-            resid = self._block(layer, resid, past, offset, mask)
+            resid = self._block(layer, resid, past, offset, mask, edits or {}, keep_kv)
         return resid
 
     def _causal_mask(self, length: int, offset: int, device: torch.device) -> torch.Tensor:
@@ -189,13 +235,15 @@ class LeanForward:
         past: tuple[torch.Tensor, torch.Tensor] | None,
         offset: int,
         mask: torch.Tensor,
+        edits: Edits,
+        keep_kv: list[tuple[torch.Tensor, torch.Tensor]] | None,
     ) -> torch.Tensor:
         block: Any = self.model.blocks[layer]
-        resid = block.hook_resid_pre(resid)
-        attn_out = block.hook_attn_out(self._attention(layer, block.ln1(resid), past, offset, mask))
-        resid_mid = block.hook_resid_mid(resid + attn_out)
-        mlp_out = block.hook_mlp_out(self._mlp(layer, block.ln2(resid_mid)))
-        return block.hook_resid_post(resid_mid + mlp_out)
+        resid = _point(block.hook_resid_pre, resid, edits)
+        attention = self._attention(layer, block.ln1(resid), past, offset, mask, keep_kv)
+        resid_mid = _point(block.hook_resid_mid, resid + _point(block.hook_attn_out, attention, edits), edits)
+        mlp_out = _point(block.hook_mlp_out, self._mlp(layer, block.ln2(resid_mid), edits), edits)
+        return _point(block.hook_resid_post, resid_mid + mlp_out, edits)
 
     def _attention(
         self,
@@ -204,47 +252,109 @@ class LeanForward:
         past: tuple[torch.Tensor, torch.Tensor] | None,
         offset: int,
         mask: torch.Tensor,
+        keep_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
         cfg = self.model.cfg
         attn: Any = self.model.blocks[layer].attn
         batch, length, _ = x.shape
         heads, kv_heads, d_head = cfg.n_heads, cfg.n_key_value_heads or cfg.n_heads, cfg.d_head
-        weight, bias = _qkv_weight(attn)
-        qkv = torch.matmul(x, weight).add_(bias)  # (B, P, (H + 2 Hkv) d_head)
-        q, k, v = qkv.split([heads * d_head, kv_heads * d_head, kv_heads * d_head], dim=-1)
-        q = q.view(batch, length, heads, d_head)
-        k = k.view(batch, length, kv_heads, d_head)
-        v = v.view(batch, length, kv_heads, d_head)
+        weight, biases = _qkv_weight(attn)
+        qkv = torch.matmul(x, weight)  # (B, P, (H + 2 Hkv) d_head)
+        if any(self._nonzero(b) is not None for b in biases):
+            qkv.add_(torch.cat([b.reshape(-1) for b in biases]))
+        qk = qkv[..., : (heads + kv_heads) * d_head].view(batch, length, heads + kv_heads, d_head)
         if self.rotary:
-            q, k = attn.apply_rotary(q, offset), attn.apply_rotary(k, offset)
+            qk = self._rotate(attn, qk, offset)  # a fresh (B, P, H + Hkv, d_head) tensor
+        q, k = qk[:, :, :heads], qk[:, :, heads:]
+        v = qkv[..., (heads + kv_heads) * d_head :].view(batch, length, kv_heads, d_head)
+        if keep_kv is not None:
+            keep_kv.append((k.contiguous(), v.contiguous()))
         if past is not None:
             k, v = torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1)  # (B, s+P, Hkv, d_head)
         # Query head h reads key-value head h // group (TransformerLens' repeat_interleave). The
         # group's queries are stacked along the query axis, so no key or value is copied.
         group = heads // kv_heads
-        q = q.view(batch, length, kv_heads, group, d_head).permute(0, 2, 3, 1, 4)  # (B, Hkv, G, P, dh)
+        q = q.reshape(batch, length, kv_heads, group, d_head).permute(0, 2, 3, 1, 4)  # (B, Hkv, G, P, dh)
         z = F.scaled_dot_product_attention(
             q.reshape(batch, kv_heads, group * length, d_head),
             k.transpose(1, 2),  # (B, Hkv, s+P, d_head)
             v.transpose(1, 2),
-            attn_mask=mask.repeat(group, 1),  # (G P, s+P)
+            attn_mask=mask,  # (G P, s+P)
             scale=1.0 / attn.attn_scale,
         )  # (B, Hkv, G P, d_head)
         z = z.view(batch, kv_heads, group, length, d_head).permute(0, 3, 1, 2, 4)  # (B, P, Hkv, G, dh)
         w_out = attn.W_O.reshape(heads * d_head, -1)  # (H d_head, d_model)
-        return torch.matmul(z.reshape(batch, length, heads * d_head), w_out).add_(attn.b_O)
+        return self._biased(torch.matmul(z.reshape(batch, length, heads * d_head), w_out), attn.b_O)
 
-    def _mlp(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+    def _rotate(self, attn: Any, x: torch.Tensor, offset: int) -> torch.Tensor:
+        """TransformerLens' rotary embedding (``apply_rotary``) of ``x`` ``(B, P, heads, d_head)`` at
+        positions ``offset..``, as a new tensor: the same products and sums in three passes.
+
+        Query and key heads go together. Adjacent-pair rotation (GPT-J) and positions past the tables
+        (which TransformerLens would extend) take ``apply_rotary`` itself, as do tables of another
+        dtype than ``x``.
+        """
+        cfg = self.model.cfg
+        dim, length = cfg.rotary_dim, x.shape[1]
+        tables = attn.rotary_cos.shape[0], attn.rotary_cos.dtype
+        if cfg.rotary_adjacent_pairs or offset + length > tables[0] or tables[1] != x.dtype:
+            return torch.cat(  # apply_rotary's q and k, one at a time, as TransformerLens calls it
+                [
+                    attn.apply_rotary(x[:, :, : cfg.n_heads], offset),
+                    attn.apply_rotary(x[:, :, cfg.n_heads :], offset),
+                ],
+                dim=2,
+            )
+        cos = attn.rotary_cos[offset : offset + length, None, :]  # (P, 1, rotary_dim)
+        sin = attn.rotary_sin[offset : offset + length, None, :]
+        half = dim // 2
+        if torch.is_grad_enabled() and x.requires_grad:  # ``out=`` calls do not record a graph
+            rotated = [
+                x[..., :half] * cos[..., :half] - x[..., half:dim] * sin[..., :half],
+                x[..., half:dim] * cos[..., half:] + x[..., :half] * sin[..., half:],
+                x[..., dim:],
+            ]
+            return torch.cat(rotated, dim=-1)
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        torch.mul(x[..., :dim], cos, out=out[..., :dim])
+        # TransformerLens adds (-x2, x1) * sin: the same numbers as subtracting x2 sin, adding x1 sin
+        out[..., :half].addcmul_(x[..., half:dim], sin[..., :half], value=-1)
+        out[..., half:dim].addcmul_(x[..., :half], sin[..., half:])
+        if dim < x.shape[-1]:
+            out[..., dim:] = x[..., dim:]
+        return out
+
+    def _mlp(self, layer: int, x: torch.Tensor, edits: Edits | None = None) -> torch.Tensor:
         # In-place updates only on fresh tensors no hook has seen: a new (B, P, d_mlp) tensor costs
         # page faults as well as a pass over memory.
         mlp: Any = self.model.blocks[layer].mlp
+        edits = edits or {}
         if self.model.cfg.gated_mlp:
-            gate = mlp.hook_pre(torch.matmul(x, mlp.W_gate))  # (B, P, d_mlp)
-            linear = mlp.hook_pre_linear(torch.matmul(x, mlp.W_in))
-            post = mlp.hook_post(mlp.act_fn(gate).mul_(linear).add_(mlp.b_in))
+            fresh = torch.matmul(x, mlp.W_gate)  # (B, P, d_mlp)
+            gate = _point(mlp.hook_pre, fresh, edits)
+            linear = _point(mlp.hook_pre_linear, torch.matmul(x, mlp.W_in), edits)
+            if mlp.act_fn is F.silu and gate is fresh and not _hooked(mlp.hook_pre):
+                act = F.silu(gate, inplace=True)
+            else:
+                act = mlp.act_fn(gate)
+            post = _point(mlp.hook_post, self._biased(act.mul_(linear), mlp.b_in), edits)
         else:
-            post = mlp.hook_post(mlp.act_fn(mlp.hook_pre(torch.matmul(x, mlp.W_in).add_(mlp.b_in))))
-        return torch.matmul(post, mlp.W_out).add_(mlp.b_out)
+            pre = _point(mlp.hook_pre, self._biased(torch.matmul(x, mlp.W_in), mlp.b_in), edits)
+            post = _point(mlp.hook_post, mlp.act_fn(pre), edits)
+        return self._biased(torch.matmul(post, mlp.W_out), mlp.b_out)
+
+    def _biased(self, fresh: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """``fresh + bias`` in place, or ``fresh`` itself when the bias is all zeros."""
+        return fresh if self._nonzero(bias) is None else fresh.add_(bias)
+
+    def _nonzero(self, bias: torch.Tensor) -> torch.Tensor | None:
+        """``bias``, or ``None`` when it is all zeros: adding it would cost a pass and change nothing.
+        Checked again whenever the parameter changes (its storage or its in-place version)."""
+        state = (bias.data_ptr(), bias._version)
+        known = self._zero.get(id(bias))
+        if known is None or known[0] != state:
+            known = self._zero[id(bias)] = (state, not bool(bias.any()))
+        return None if known[1] else bias
 
     def max_difference(self, n_passages: int = 2, length: int = 12, offset: int = 5) -> float:
         """Largest over positions of ``|lean - TransformerLens| / |TransformerLens|`` (L2 norms of the

@@ -7,6 +7,7 @@ after it, per-feature firing statistics, and logits from a final residual stream
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -167,9 +168,10 @@ class Unembedding:
     """``(d_vocab,)``; ``None`` when all zeros (most models): adding 0.0 changes no logit, and a bias
     costs a full pass over the ``(N, d_vocab)`` output before the matmul."""
     soft_cap: float | None
-    scratch: dict[str, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
-    """The float32 buffer :meth:`scratch_logits` reuses. A fresh logits-sized tensor per call costs
-    more than the exp and sums over it: the allocator maps new pages, and each faults on first write."""
+    scratch: threading.local = field(default_factory=threading.local, compare=False, repr=False)
+    """Per thread, the float32 buffer :meth:`scratch_logits` reuses (``scratch.logits``; the fast path
+    scores passes in several threads at once). A fresh logits-sized tensor per call costs more than
+    the exp and sums over it: the allocator maps new pages, and each faults on first write."""
 
     @classmethod
     def of(cls, model: HookedTransformer) -> Unembedding:
@@ -186,15 +188,15 @@ class Unembedding:
         return apply_softcap(torch.nn.functional.linear(normed, self.weight, self.bias), self.soft_cap)
 
     def scratch_logits(self, normed: torch.Tensor) -> torch.Tensor:
-        """The same logits as float32, written into a buffer that the next call overwrites: use them
-        up before calling again."""
+        """The same logits as float32, written into a buffer that the next call from the same thread
+        overwrites: use them up before calling again."""
         if self.weight.dtype != torch.float32 or self.soft_cap is not None:
             return self.logits(normed).float()
         flat = normed.reshape(-1, normed.shape[-1])  # (N, d_model)
         size = flat.shape[0] * self.weight.shape[0]
-        buffer = self.scratch.get("logits")
+        buffer = getattr(self.scratch, "logits", None)
         if buffer is None or buffer.numel() < size or buffer.device != flat.device:
-            buffer = self.scratch["logits"] = torch.empty(size, dtype=torch.float32, device=flat.device)
+            buffer = self.scratch.logits = torch.empty(size, dtype=torch.float32, device=flat.device)
         out = buffer[:size].view(flat.shape[0], self.weight.shape[0])  # (N, d_vocab)
         if self.bias is None:
             torch.mm(flat, self.weight.T, out=out)

@@ -4,6 +4,11 @@ One forward pass per batch keeps the activations at each SAE's hook, the selecte
 activations, and the clean predictions (:class:`CleanReference`; the loop also keeps the clean
 logits). For the fast path it also keeps the input of each block an intervention pass starts at and
 the keys and values of later blocks, which its rows reuse for their unchanged positions.
+
+TransformerLens' forward computes every SAE's activations, as in the loop, so that both methods
+see the same features fire at the same positions. When the fast path's rows run on the lean forward,
+the blocks after the last SAE's hook run on it too (:func:`lean_from`): the clean keys, values and
+predictions the rows are compared with then come from the same computation as the rows.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from runner.hooks import hook_name, parse_hook
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
-__all__ = ["CleanBatch", "changed_positions", "clean_batch", "clean_loss", "entry"]
+__all__ = ["CleanBatch", "changed_positions", "clean_batch", "clean_loss", "entry", "lean_from"]
 
 
 @dataclass
@@ -43,7 +48,8 @@ class CleanBatch:
     """Fast path: the residual stream entering block ``L`` ``(B, T, d)``, per start layer."""
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     """Fast path: keys and values ``(B, T, n_kv_heads, d_head)`` per layer (keys after the rotary
-    embedding for the lean forward, before it for TransformerLens' cache; see ``_key_hook``)."""
+    embedding for the lean forward, before it for TransformerLens' cache; see ``_key_hook``), from
+    TransformerLens' forward before :func:`lean_from`, from the lean forward after."""
     clean_logits: torch.Tensor | None = None
     """Loop: the clean logits of the predicting positions ``(B, T-1, V)``."""
 
@@ -76,6 +82,15 @@ def _start_input_hook(start: int, n_layers: int) -> str:
     return hook_name("resid_pre", start)
 
 
+def lean_from(workload: Workload, n_layers: int) -> int:
+    """The first block of the fast path's clean pass that runs on the lean forward: the one after the
+    last SAE's hook (``n_layers``, none, on TransformerLens' blocks)."""
+    if workload.lean is None:
+        return n_layers
+    layers = [parse_hook(loaded.hook_name) for loaded in workload.saes]
+    return max(parsed[0] for parsed in layers if parsed is not None) + 1
+
+
 def clean_batch(
     model: HookedTransformer, tokens: torch.Tensor, first: int, workload: Workload, *, fast: bool
 ) -> CleanBatch:
@@ -83,13 +98,19 @@ def clean_batch(
     n_layers = model.cfg.n_layers
     hooks = [loaded.hook_name for loaded in workload.saes]
     entries = {entry(h, n_layers) for h in hooks}
+    lean = lean_from(workload, n_layers) if fast else n_layers
+    first_start = min(start for start, _ in entries)
     if fast:
-        hooks += [_start_input_hook(start, n_layers) for start, _ in entries]
-        first_start = min(start for start, _ in entries)
-        for layer in range(first_start, n_layers):
+        hooks += [_start_input_hook(start, n_layers) for start, _ in entries if start < lean]
+        for layer in range(first_start, lean):
             hooks += [_key_hook(workload, layer), f"blocks.{layer}.attn.hook_v"]
-    acts, resid = capture(model, tokens, hooks, stop_at_layer=n_layers)
-    assert resid is not None
+    acts, before_lean = capture(model, tokens, hooks, stop_at_layer=lean)
+    assert before_lean is not None
+    resid, kv_after = before_lean, []
+    if lean < n_layers:
+        assert workload.lean is not None
+        with torch.no_grad():
+            resid = workload.lean.run(before_lean, lean, n_layers, keep_kv=kv_after)  # (B, T, d)
     clean = CleanReference.of(model, resid, tokens, workload.unembedding)
     with torch.no_grad():
         eligible = workload.eligible(tokens)
@@ -97,18 +118,21 @@ def clean_batch(
         for loaded, features in zip(workload.saes, workload.features, strict=True):
             f = loaded.encode(acts[loaded.hook_name])[..., features]  # (B, T, n_slots)
             feats.append(f * eligible.unsqueeze(-1).to(f.dtype))
-    batch = CleanBatch(
-        tokens, first, clean, eligible, {h: acts[h] for h in hooks[: len(workload.saes)]}, feats
-    )
+    sae_acts = {loaded.hook_name: acts[loaded.hook_name] for loaded in workload.saes}
+    batch = CleanBatch(tokens, first, clean, eligible, sae_acts, feats)
     if not fast:
         with torch.no_grad():  # loop_batch unembeds the intervened passes the same way
             batch.clean_logits = logits_from_resid(model, resid[:, :-1])  # (B, T-1, V)
-    if fast:
-        batch.starts = {start: acts[_start_input_hook(start, n_layers)] for start, _ in entries}
-        batch.kv = {
-            layer: (acts[_key_hook(workload, layer)], acts[f"blocks.{layer}.attn.hook_v"])
-            for layer in range(min(start for start, _ in entries), n_layers)
-        }
+        return batch
+    batch.starts = {
+        start: acts[_start_input_hook(start, n_layers)] if start < lean else before_lean
+        for start, _ in entries
+    }
+    batch.kv = {
+        layer: (acts[_key_hook(workload, layer)], acts[f"blocks.{layer}.attn.hook_v"])
+        for layer in range(first_start, lean)
+    }
+    batch.kv.update(zip(range(lean, n_layers), kv_after, strict=True))
     return batch
 
 

@@ -8,6 +8,7 @@ out-of-memory error halves ``batch_size`` and starts the case again.
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import numpy as np
@@ -16,7 +17,7 @@ import torch
 from analyses._sae_tensors import logits_are_capped
 from analyses.sae_interventions import SaeInterventionsParams
 from analyses.sae_interventions.clean import clean_batch, clean_loss
-from analyses.sae_interventions.fast import fast_batch
+from analyses.sae_interventions.fast import fast_batch, pass_workers
 from analyses.sae_interventions.loop import loop_batch
 from analyses.sae_interventions.outputs import build_output
 from analyses.sae_interventions.scoring import FeatureCounts, Result, Totals, Work, count_features
@@ -93,19 +94,20 @@ def _run(ctx: StepContext, params: SaeInterventionsParams, workload: Workload, b
     loss_sum = 0.0
     first = 0
     batches = ctx.progress(dataset.batches(batch_size), dataset.n_batches(batch_size), f"batches ({method})")
-    for tokens in batches:
-        start = time.perf_counter()
-        batch = clean_batch(model, tokens.to(device), first, workload, fast=method == "fast")
-        work.clean_tokens += tokens.numel()
-        work.seconds_clean += time.perf_counter() - start
-        loss_sum += clean_loss(batch)
-        count_features(batch, workload, counts, totals)
-        start = time.perf_counter()
-        if method == "fast":
-            fast_batch(model, batch, workload, totals, work, batch_size)
-        else:
-            loop_batch(model, batch, workload, totals, work)
-        work.seconds_interventions += time.perf_counter() - start
-        first += tokens.shape[0]
+    with pass_workers(workload, device) if method == "fast" else contextlib.nullcontext() as workers:
+        for tokens in batches:
+            start = time.perf_counter()
+            batch = clean_batch(model, tokens.to(device), first, workload, fast=method == "fast")
+            work.clean_tokens += tokens.numel()
+            work.seconds_clean += time.perf_counter() - start
+            loss_sum += clean_loss(batch)
+            count_features(batch, workload, counts, totals)
+            start = time.perf_counter()
+            if method == "fast":
+                fast_batch(model, batch, workload, totals, work, batch_size, workers)
+            else:
+                loop_batch(model, batch, workload, totals, work)
+            work.seconds_interventions += time.perf_counter() - start
+            first += tokens.shape[0]
     n_predicting = len(dataset) * (dataset.max_len - 1)
     return Result(totals, counts, work, loss_sum, n_predicting, batch_size)

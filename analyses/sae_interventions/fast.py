@@ -8,12 +8,19 @@ packed into forward passes by :func:`cheapest_cuts`, and run through the lean fo
 (``analyses/_lean_forward.py``) or TransformerLens' blocks with its key-value cache. A pass starts
 at the first edit of its rows; each row's positions before its own first edit are scored as the
 clean run (``score_resid``), so everything an intervention leaves unchanged adds exactly 0.
+
+On the CPU the lean passes run in :func:`pass_workers`: threads that each run a whole pass (forward,
+unembedding, scoring) with one intra-op thread, several passes at once. Their sums are added in the
+order of the passes, so the totals are the same whichever thread finishes first.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -21,13 +28,21 @@ import numpy as np
 import torch
 
 from analyses.sae_interventions.clean import CleanBatch, changed_positions, entry
-from analyses.sae_interventions.scoring import Totals, Work, score_resid
+from analyses.sae_interventions.scoring import RowSums, Totals, Work, add_sums, score_resid
 from analyses.sae_interventions.workload import Intervention, Workload, feature_delta
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
-__all__ = ["MAX_PASS_ROWS", "PASS_SIZING", "PassSizing", "cheapest_cuts", "fast_batch"]
+__all__ = [
+    "MAX_PASS_ROWS",
+    "MAX_PASS_WORKERS",
+    "PASS_SIZING",
+    "PassSizing",
+    "cheapest_cuts",
+    "fast_batch",
+    "pass_workers",
+]
 
 FwdHooks = list[tuple[str | Callable[..., Any], Callable[..., Any]]]
 
@@ -54,6 +69,38 @@ PASS_SIZING = {
 }
 MAX_PASS_ROWS = 512
 """Rows one fast-path pass may hold at most (bounds the chunker's search)."""
+MAX_PASS_WORKERS = 2
+"""Lean passes run at once on the CPU, at most (each with ``torch.get_num_threads() // workers``
+intra-op threads). Measured on 2 cores only: two single-threaded passes beat one pass on two threads
+by 10-15% unloaded (matmuls on one thread run nearer the core's peak, and elementwise passes need no
+thread synchronization), and by far more when other processes take CPU time, since a two-thread
+matmul waits for whichever thread was descheduled."""
+
+
+@contextmanager
+def pass_workers(workload: Workload, device: torch.device) -> Iterator[Executor | None]:
+    """Threads for the fast path's lean passes, or ``None`` (run in order, in the calling thread) off
+    the CPU, on TransformerLens' blocks (its hooks live on the shared model) or with one torch thread.
+
+    ``torch.set_num_threads`` in a worker sets its own intra-op threads and also the default of
+    threads started later; the caller's is restored when the workers stop.
+    """
+    threads = torch.get_num_threads()
+    if workload.lean is None or device.type != "cpu" or threads < 2:
+        yield None
+        return
+    workers = min(threads, MAX_PASS_WORKERS)
+    pool = ThreadPoolExecutor(
+        workers,
+        thread_name_prefix="sae-interventions-pass",
+        initializer=torch.set_num_threads,
+        initargs=(threads // workers,),
+    )
+    try:
+        yield pool
+    finally:
+        pool.shutdown(cancel_futures=True)
+        torch.set_num_threads(threads)
 
 
 @dataclass(frozen=True)
@@ -73,9 +120,11 @@ def fast_batch(
     totals: Totals,
     work: Work,
     batch_size: int,
+    workers: Executor | None = None,
 ) -> None:
     """The fast path: skip what cannot change, run the rest from the hook and the first edited position,
-    in passes of up to :data:`PASS_SIZING` batches' worth of tokens (``batch_size`` passages each)."""
+    in passes of up to :data:`PASS_SIZING` batches' worth of tokens (``batch_size`` passages each),
+    on ``workers`` (:func:`pass_workers`) when given."""
     n_layers, length = model.cfg.n_layers, int(batch.tokens.shape[1])
     sizing = PASS_SIZING["lean" if workload.lean is not None else "transformer_lens"]
     budget = sizing.batches * batch_size * length
@@ -91,8 +140,13 @@ def fast_batch(
         work.rows_not_firing += int((~fired).sum())
         rows += [_Row(start, int(t0[b]), b, iv) for b in torch.nonzero(fired).flatten().tolist()]
     rows.sort(key=lambda r: (r.start, r.t0, r.iv.index, r.passage))
-    for chunk in _chunks(rows, length, budget, sizing.overhead_tokens):
-        _run_chunk(model, batch, workload, chunk, totals, work)
+    chunks = _chunks(rows, length, budget, sizing.overhead_tokens)
+    run = functools.partial(_run_chunk, model, batch, workload, totals.vocab, totals.keep_snippets)
+    scored = workers.map(run, chunks) if workers is not None else map(run, chunks)
+    for chunk, sums in zip(chunks, scored, strict=True):  # in pass order, whichever finished first
+        _count(work, chunk, n_layers, length)
+        for part in sums:
+            add_sums(totals, part)
 
 
 def _chunks(rows: list[_Row], length: int, budget: int, overhead: int) -> list[list[_Row]]:
@@ -137,10 +191,12 @@ def _run_chunk(
     model: HookedTransformer,
     batch: CleanBatch,
     workload: Workload,
+    vocab: int,
+    keep_snippets: int,
     chunk: list[_Row],
-    totals: Totals,
-    work: Work,
-) -> None:
+) -> list[RowSums]:
+    """One pass: the chunk's rows from their shared start, scored and summed per row. Reads the batch
+    and the model, writes nothing shared (it may run in a worker thread)."""
     n_layers, length = model.cfg.n_layers, int(batch.tokens.shape[1])
     start, s = chunk[0].start, chunk[0].t0  # rows are sorted: s is the smallest t0
     loaded = workload.saes[chunk[0].iv.layer]
@@ -148,25 +204,34 @@ def _run_chunk(
     passages = torch.tensor([r.passage for r in chunk], device=device)
     features = torch.tensor([r.iv.feature for r in chunk], device=device)
     slots = torch.tensor([r.iv.slot for r in chunk], device=device)
-    x = batch.acts[loaded.hook_name][passages, s:]  # (R, T-s, d)
-    f = batch.feats[chunk[0].iv.layer][passages, s:].gather(
-        -1, slots.view(-1, 1, 1).expand(-1, length - s, 1)
-    )
-    f = f.squeeze(-1)  # (R, T-s)
-    eligible = batch.eligible[passages, s:]
-    new = torch.stack([workload.edited(f[i], r.iv.alpha) for i, r in enumerate(chunk)]) * eligible
-    delta = feature_delta(loaded, x, f, new, features)  # (R, T-s, d)
-    in_block = entry(loaded.hook_name, n_layers)[1]
-    resid_in = batch.starts[start][passages, s:] if in_block else x + delta
-    hooks: FwdHooks = [(loaded.hook_name, lambda act, hook: act + delta)] if in_block else []
-    with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+    with torch.no_grad():  # grad mode is per thread
+        x = batch.acts[loaded.hook_name][passages, s:]  # (R, T-s, d)
+        f = batch.feats[chunk[0].iv.layer][passages, s:].gather(
+            -1, slots.view(-1, 1, 1).expand(-1, length - s, 1)
+        )
+        f = f.squeeze(-1)  # (R, T-s)
+        eligible = batch.eligible[passages, s:]
+        new = torch.stack([workload.edited(f[i], r.iv.alpha) for i, r in enumerate(chunk)]) * eligible
+        delta = feature_delta(loaded, x, f, new, features)  # (R, T-s, d)
+        in_block = entry(loaded.hook_name, n_layers)[1]
+        resid_in = batch.starts[start][passages, s:] if in_block else x + delta
         if workload.lean is not None:
-            prefix = [(k[passages, :s], v[passages, :s]) for k, v in _kv_from(batch, start)] if s else None
-            resid = workload.lean.run(resid_in, start, n_layers, prefix)
+            prefix = [(_rows_of(k, passages, s), _rows_of(v, passages, s)) for k, v in _kv_from(batch, start)]
+            edits = {loaded.hook_name: lambda act: act + delta} if in_block else None
+            resid = workload.lean.run(resid_in, start, n_layers, prefix if s else None, edits=edits)
         else:
+            hooks: FwdHooks = [(loaded.hook_name, lambda act, hook: act + delta)] if in_block else []
             cache = _prefix_cache(model, batch, passages, s, start) if s > 0 else None
-            resid = model(resid_in, start_at_layer=start, stop_at_layer=n_layers, past_kv_cache=cache)
-    rows, blocks = len(chunk), n_layers - start
+            with model.hooks(fwd_hooks=hooks):
+                resid = model(resid_in, start_at_layer=start, stop_at_layer=n_layers, past_kv_cache=cache)
+    first_edit = torch.tensor([r.t0 for r in chunk], device=device)
+    ivs = [r.iv for r in chunk]
+    return score_resid(model, resid, batch, passages, ivs, s, first_edit, vocab, keep_snippets)
+
+
+def _count(work: Work, chunk: list[_Row], n_layers: int, length: int) -> None:
+    """What a pass computed (and would have, each row from its own first edit), for the FLOP floor."""
+    s, rows, blocks = chunk[0].t0, len(chunk), n_layers - chunk[0].start
     work.forward_passes += 1
     work.rows_run += rows
     work.block_token_layers += rows * (length - s) * blocks
@@ -175,8 +240,12 @@ def _run_chunk(
     work.needed_block_token_layers += sum(length - r.t0 for r in chunk) * blocks
     work.needed_attention_pairs_layers += sum(_pairs(r.t0, length) for r in chunk) * blocks
     work.needed_unembed_tokens += sum(length - 1 - r.t0 for r in chunk)
-    first_edit = torch.tensor([r.t0 for r in chunk], device=device)
-    score_resid(model, resid, batch, passages, [r.iv for r in chunk], s, first_edit, totals)
+
+
+def _rows_of(cached: torch.Tensor, passages: torch.Tensor, s: int) -> torch.Tensor:
+    """``cached[passages, :s]``: whole rows copied (``index_select``), then the first ``s`` positions.
+    Advanced indexing of the strided ``[:, :s]`` view costs several times more."""
+    return cached.index_select(0, passages)[:, :s]
 
 
 def _kv_from(batch: CleanBatch, start: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -200,7 +269,7 @@ def _prefix_cache(
     for layer in range(start, model.cfg.n_layers):
         keys, values = batch.kv[layer]
         cache.entries[layer] = TransformerLensKeyValueCacheEntry(
-            keys[passages, :s], values[passages, :s], frozen=True
+            _rows_of(keys, passages, s), _rows_of(values, passages, s), frozen=True
         )
     cache.freeze()
     return cache

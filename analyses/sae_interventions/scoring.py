@@ -4,8 +4,10 @@ Each method has its own metric code. The loop's, :func:`compare_over_vocab`, wor
 vocabulary from the clean and the intervened logits, straight from the definitions; the fast
 path's, :func:`score_resid`, uses the ``d_model``-sized identities of :class:`CleanReference`
 (``analyses/_sae_tensors.py``). Both give a :class:`RowComparison` per row and position, which
-:func:`accumulate` adds to the same sums; nothing else is shared, so the agreement of the two methods
-checks both.
+:func:`reduce_rows` sums per row (:class:`RowSums`) and :func:`add_sums` adds to the same totals;
+nothing else is shared, so the agreement of the two methods checks both. The fast path reduces rows
+in the threads that ran them and adds the sums in the order of its passes, so its totals do not
+depend on which thread finished first.
 """
 
 from __future__ import annotations
@@ -28,12 +30,15 @@ __all__ = [
     "METRIC_CHUNK_ELEMENTS",
     "FeatureCounts",
     "Result",
+    "RowSums",
     "Snippet",
     "Totals",
     "Work",
     "accumulate",
+    "add_sums",
     "compare_over_vocab",
     "count_features",
+    "reduce_rows",
     "score_resid",
 ]
 
@@ -183,10 +188,11 @@ def score_resid(
     ivs: list[Intervention],
     s: int,
     first_edit: torch.Tensor,
-    totals: Totals,
-) -> None:
-    """Add the metrics of rows ``(passage, intervention)`` whose final residual ``resid`` ``(R, T-s, d)``
-    starts at position ``s``, each row edited from position ``first_edit`` ``(R,)`` on.
+    vocab: int,
+    keep_snippets: int,
+) -> list[RowSums]:
+    """The metrics of rows ``(passage, intervention)`` whose final residual ``resid`` ``(R, T-s, d)``
+    starts at position ``s``, each row edited from position ``first_edit`` ``(R,)`` on, summed per row.
 
     A causal model leaves every position before a row's first edit unchanged: positions before ``s``
     are not run, and those from ``s`` to the row's first edit, run again with the rest of the pass,
@@ -194,14 +200,16 @@ def score_resid(
     """
     n_pred = batch.n_predicting - s
     if n_pred <= 0:
-        return
-    step = max(1, METRIC_CHUNK_ELEMENTS // (n_pred * totals.vocab))
+        return []
+    step = max(1, METRIC_CHUNK_ELEMENTS // (n_pred * vocab))
+    sums = []
     for lo in range(0, len(ivs), step):
         hi = min(lo + step, len(ivs))
         with torch.no_grad():
             rows = compare_rows(model, resid[lo:hi, :n_pred], batch.clean, passages[lo:hi], s)
             rows = _clean_before(rows, first_edit[lo:hi], s)
-            accumulate(rows, batch, passages[lo:hi], ivs[lo:hi], s, totals)
+            sums.append(reduce_rows(rows, batch, passages[lo:hi], ivs[lo:hi], s, keep_snippets))
+    return sums
 
 
 def _clean_before(rows: RowComparison, first_edit: torch.Tensor, s: int) -> RowComparison:
@@ -223,6 +231,25 @@ def _clean_before(rows: RowComparison, first_edit: torch.Tensor, s: int) -> RowC
     )
 
 
+@dataclass
+class RowSums:
+    """Compared rows reduced per row: what :func:`add_sums` adds to the sums of their interventions."""
+
+    ivs: list[Intervention]
+    """The row's intervention, per row ``(R,)``."""
+    delta_loss: torch.Tensor
+    """``(R,)`` float64 sums over the rows' positions; ``*_fire`` over those where the feature fires."""
+    kl: torch.Tensor
+    delta_loss_fire: torch.Tensor
+    kl_fire: torch.Tensor
+    changed_top1: torch.Tensor
+    shift: torch.Tensor
+    """``(R, K)`` float64 summed shifts (see :class:`RowComparison`)."""
+    shift_fire: torch.Tensor
+    snippets: list[list[tuple[float, int, Snippet]]]
+    """Per row, its positions of largest KL > 0 as heap items ``(kl, tie-break, snippet)``."""
+
+
 def accumulate(
     rows: RowComparison,
     batch: CleanBatch,
@@ -232,41 +259,70 @@ def accumulate(
     totals: Totals,
 ) -> None:
     """Add compared rows ``(R, P)`` (predicting positions ``s .. s+P-1``) to their interventions' sums."""
+    add_sums(totals, reduce_rows(rows, batch, passages, ivs, s, totals.keep_snippets))
+
+
+def reduce_rows(
+    rows: RowComparison,
+    batch: CleanBatch,
+    passages: torch.Tensor,
+    ivs: list[Intervention],
+    s: int,
+    keep_snippets: int,
+) -> RowSums:
+    """Compared rows ``(R, P)`` (predicting positions ``s .. s+P-1``) summed over their positions."""
     stop = s + rows.kl.shape[1]
     fires = torch.stack(
         [batch.feats[iv.layer][p, s:stop, iv.slot] for iv, p in zip(ivs, passages.tolist(), strict=True)]
     )
     fires = (fires > 0).to(torch.float64)  # (R, P)
-    changed = rows.new_top != rows.clean_top
-    index = torch.tensor([iv.index for iv in ivs], device=rows.kl.device)
-    totals.delta_loss.index_add_(0, index, rows.delta_loss.sum(1))
-    totals.kl.index_add_(0, index, rows.kl.sum(1))
-    totals.delta_loss_fire.index_add_(0, index, (rows.delta_loss * fires).sum(1))
-    totals.kl_fire.index_add_(0, index, (rows.kl * fires).sum(1))
-    totals.changed_top1.index_add_(0, index, changed.sum(1).double())
     shift = rows.shift.double()  # (R, P, K)
-    totals.logit_sum.index_add_(0, index, shift.sum(1))
-    totals.logit_sum_fire.index_add_(0, index, torch.einsum("rp,rpk->rk", fires, shift))
-    if totals.keep_snippets:
-        _keep_snippets(totals, ivs, passages, s, batch, rows)
+    return RowSums(
+        ivs=ivs,
+        delta_loss=rows.delta_loss.sum(1),
+        kl=rows.kl.sum(1),
+        delta_loss_fire=(rows.delta_loss * fires).sum(1),
+        kl_fire=(rows.kl * fires).sum(1),
+        changed_top1=(rows.new_top != rows.clean_top).sum(1).double(),
+        shift=shift.sum(1),
+        shift_fire=torch.einsum("rp,rpk->rk", fires, shift),
+        snippets=_snippets(rows, batch, passages, s, keep_snippets),
+    )
 
 
-def _keep_snippets(
-    totals: Totals,
-    ivs: list[Intervention],
-    passages: torch.Tensor,
-    s: int,
-    batch: CleanBatch,
-    rows: RowComparison,
-) -> None:
-    """Keep the positions of largest KL per intervention (a bounded heap each)."""
+def add_sums(totals: Totals, sums: RowSums) -> None:
+    """Add rows' sums to their interventions' totals, and their snippets to the kept ones."""
+    index = torch.tensor([iv.index for iv in sums.ivs], device=sums.kl.device)
+    totals.delta_loss.index_add_(0, index, sums.delta_loss)
+    totals.kl.index_add_(0, index, sums.kl)
+    totals.delta_loss_fire.index_add_(0, index, sums.delta_loss_fire)
+    totals.kl_fire.index_add_(0, index, sums.kl_fire)
+    totals.changed_top1.index_add_(0, index, sums.changed_top1)
+    totals.logit_sum.index_add_(0, index, sums.shift)
+    totals.logit_sum_fire.index_add_(0, index, sums.shift_fire)
     keep = totals.keep_snippets
-    values, where = rows.kl.topk(min(keep, rows.kl.shape[1]), dim=1)  # (R, k)
-    for r, iv in enumerate(ivs):
+    for iv, items in zip(sums.ivs, sums.snippets, strict=True):
         heap = totals.snippets[iv.index]
+        for item in items:
+            if len(heap) < keep:
+                heapq.heappush(heap, item)
+            elif item[0] > heap[0][0]:
+                heapq.heapreplace(heap, item)
+
+
+def _snippets(
+    rows: RowComparison, batch: CleanBatch, passages: torch.Tensor, s: int, keep: int
+) -> list[list[tuple[float, int, Snippet]]]:
+    """Per row, its ``keep`` positions of largest KL > 0, as heap items (ties: earlier first)."""
+    if not keep:
+        return [[] for _ in passages]
+    values, where = rows.kl.topk(min(keep, rows.kl.shape[1]), dim=1)  # (R, k)
+    out: list[list[tuple[float, int, Snippet]]] = []
+    for r in range(len(passages)):
         p = int(passages[r])
+        items = []
         for value, pos in zip(values[r].tolist(), where[r].tolist(), strict=True):
-            if value <= 0 or (len(heap) == keep and value <= heap[0][0]):
+            if value <= 0:
                 continue
             t = s + pos
             snippet = Snippet(
@@ -280,8 +336,6 @@ def _keep_snippets(
                 new_top_prob=float(rows.new_top_prob[r, pos]),
                 target=int(batch.clean.targets[p, t]),
             )
-            item = (value, -(batch.first + p) * 100_000 - t, snippet)  # ties: earlier first
-            if len(heap) < keep:
-                heapq.heappush(heap, item)
-            else:
-                heapq.heapreplace(heap, item)
+            items.append((value, -(batch.first + p) * 100_000 - t, snippet))
+        out.append(items)
+    return out

@@ -9,20 +9,16 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from analyses._lean_forward import LeanForward
+from analyses._lean_forward import checked_lean_forward
 from analyses._sae_tensors import FeatureStats, Unembedding, eligible_positions, feature_stats
 from analyses.sae_interventions import SaeInterventionsParams
 from analyses.sae_interventions.workload import Workload
 from runner.errors import ResourceError, RunnerError
 from runner.saes.loading import LoadedSAE
 from runner.step import StepContext
-
-if TYPE_CHECKING:
-    from transformer_lens import HookedTransformer
 
 __all__ = ["build_workload", "select_features"]
 
@@ -42,17 +38,12 @@ def build_workload(
     features, labels = select_features(ctx, params, saes, bos, where)
     model = ctx.model.model
     unembedding = Unembedding.of(model)
-    lean = _lean_forward(ctx, model) if params.method == "fast" and params.forward == "lean" else None
+    lean = (
+        checked_lean_forward(ctx, model, "The fast path runs TransformerLens' own blocks")
+        if params.method == "fast" and params.forward == "lean"
+        else None
+    )
     return Workload(saes, features, labels, alphas, params.mode, params.exclude_bos, bos, unembedding, lean)
-
-
-def _lean_forward(ctx: StepContext, model: HookedTransformer) -> LeanForward | None:
-    """The lean forward, checked once per run (``None``, with a note, where TransformerLens' blocks run)."""
-    refusal = ctx.cached(("lean_forward_refusal", model), lambda: LeanForward.refusal(model))
-    if refusal is not None:
-        ctx.note(f"The fast path runs TransformerLens' own blocks, not the lean forward: {refusal}.")
-        return None
-    return LeanForward(model)
 
 
 def select_features(

@@ -8,56 +8,9 @@ import pytest
 import torch
 
 from analyses._lean_forward import LeanForward, unsupported_reason
+from tests.helpers import LEAN_ARCHITECTURES, N_LAYERS, make_model
 
-N_LAYERS = 3
-
-
-def make_model(**overrides: Any) -> Any:
-    """A random 3-layer ``HookedTransformer`` with every weight, bias and norm scale randomized (TL
-    initializes biases to zero and norms to one, which would hide a bias or norm mix-up)."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    settings: dict[str, Any] = {
-        "n_layers": N_LAYERS,
-        "d_model": 48,
-        "d_mlp": 96,
-        "n_heads": 6,
-        "d_head": 8,
-        "n_ctx": 64,
-        "d_vocab": 101,
-        "act_fn": "gelu_new",
-        "normalization_type": "LN",
-        "seed": 0,
-        "device": "cpu",
-    }
-    model = HookedTransformer(HookedTransformerConfig(**{**settings, **overrides})).eval()
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.startswith("blocks."):
-                scale = 0.3 if param.ndim > 1 else 0.5
-                noise = torch.randn(param.shape, generator=generator) * scale
-                param.copy_(1.0 + noise if name.endswith(".w") else noise)
-    return model
-
-
-ARCHITECTURES = {
-    "gpt2": {},
-    "llama": {
-        "normalization_type": "RMS",
-        "positional_embedding_type": "rotary",
-        "rotary_dim": 8,
-        "gated_mlp": True,
-        "act_fn": "silu",
-        "n_key_value_heads": 2,
-    },
-    "gptj_rotary": {  # rotary on part of each head, adjacent pairs, one key-value head
-        "positional_embedding_type": "rotary",
-        "rotary_dim": 4,
-        "rotary_adjacent_pairs": True,
-        "n_key_value_heads": 1,
-    },
-}
+ARCHITECTURES = LEAN_ARCHITECTURES
 
 
 @pytest.fixture(scope="module", params=sorted(ARCHITECTURES))
@@ -185,7 +138,9 @@ def test_a_lean_pass_that_disagrees_with_transformer_lens_is_not_used(
     model = make_model()
     assert LeanForward.of(model) is not None
     original = LeanForward._mlp
-    monkeypatch.setattr(LeanForward, "_mlp", lambda self, layer, x: original(self, layer, x) * 1.001)
+    monkeypatch.setattr(
+        LeanForward, "_mlp", lambda self, layer, x, *rest: original(self, layer, x, *rest) * 1.001
+    )
     refusal = LeanForward.refusal(model)
     assert refusal is not None and "differed from TransformerLens' forward by" in refusal
     assert LeanForward.of(model) is None
@@ -209,7 +164,9 @@ def test_half_precision_models_are_checked_in_float32_on_their_architecture(
     # An error of 1% hides in 16-bit rounding (the model's own check allows 10%); the float32
     # model of the same architecture shows it.
     original = LeanForward._mlp
-    monkeypatch.setattr(LeanForward, "_mlp", lambda self, layer, x: original(self, layer, x) * 1.01)
+    monkeypatch.setattr(
+        LeanForward, "_mlp", lambda self, layer, x, *rest: original(self, layer, x, *rest) * 1.01
+    )
     assert LeanForward(model).max_difference() < 0.1
     refusal = LeanForward.refusal(model)
     assert refusal is not None and "on a random float32 model of the same architecture" in refusal
