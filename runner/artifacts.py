@@ -145,7 +145,9 @@ class RunFolder:
             path = (
                 self.root / "plots" / safe_name(case_id) / (name if name.endswith(".png") else f"{name}.png")
             )
-            write_atomic(path, partial(figure.savefig, format="png", dpi=dpi, bbox_inches="tight"))
+            # A figure with a layout engine already fits its canvas; "tight" would draw it twice.
+            tight = {} if figure.get_layout_engine() is not None else {"bbox_inches": "tight"}
+            write_atomic(path, partial(figure.savefig, format="png", dpi=dpi, **tight))
             written.append(path.relative_to(self.root).as_posix())
         return written
 

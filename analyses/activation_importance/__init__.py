@@ -72,6 +72,17 @@ class ActivationImportanceParams(BaseModel):
     batch_size: int = Field(default=4, ge=1)
     """Passages per forward (and backward) pass. Results do not depend on it."""
 
+    forward: Literal["lean", "transformer_lens"] = "lean"
+    """Blocks the passages run through: `lean` (TransformerLens' blocks with weights read in place and
+    scaled-dot-product attention, checked against its forward when the run starts; where the check
+    fails or the architecture is not covered, a note says so and TransformerLens' runs) or
+    `transformer_lens` (its own forward). Same numbers to float32 rounding."""
+
+    layer_histograms: bool = True
+    """One histogram PNG per layer and variant, `layer_{L}_{variant}_hist.png`, as the seed wrote them.
+    `all_layers_{variant}_hist.png` shows every layer's histogram in one image (a row per layer);
+    `false` skips the per-layer files, which take longer to write than the values take to compute."""
+
     top_k: int = Field(default=10, ge=1)
     """How many dimensions of largest ``|value|`` per layer go into the summary and ``top_dimensions.csv``."""
 

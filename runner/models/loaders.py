@@ -38,6 +38,7 @@ def load_model(
     described = describe_model(name)
     kind, location = described["kind"], described["location"]
     device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
+    import_seconds = _import_model_libraries()
     started = time.perf_counter()
     loaded = _LOADERS[kind](name, location, device, torch_dtype, cache_dir or default_cache_dir())
     loaded.model.eval()
@@ -49,9 +50,21 @@ def load_model(
         "device": device,
         "dtype": dtype,
         "load_seconds": round(time.perf_counter() - started, 2),
+        "import_seconds": round(import_seconds, 2),
         "versions": {p: version(p) for p in ("torch", "transformers", "transformer-lens")},
     }
     return LoadedModel(name, loaded.model, loaded.tokenizer, loaded.source, info)
+
+
+def _import_model_libraries() -> float:
+    """Import TransformerLens (and with it transformers): seconds in a fresh process, nothing later.
+
+    Timed apart so that ``load_seconds`` measures loading the model, not importing libraries.
+    """
+    started = time.perf_counter()
+    import transformer_lens  # noqa: F401
+
+    return time.perf_counter() - started
 
 
 def _load_local_dir(name: str, location: str, device: str, dtype: torch.dtype, cache_dir: Path) -> Loaded:

@@ -14,6 +14,7 @@ import torch
 from matplotlib.figure import Figure
 from pydantic import ValidationError
 
+from analyses._lean_forward import checked_lean_forward
 from analyses._tensors import normalize, signed_power
 from analyses.activation_importance import (
     ActivationImportanceParams,
@@ -27,6 +28,7 @@ from runner.hooks import hook_name
 from runner.models import LoadedModel
 from runner.results import result_bytes, result_from_files
 from runner.step import StepContext, StepOutput
+from tests.helpers import LEAN_ARCHITECTURES, make_model
 
 SITES = ["mlp_post", "resid_pre", "resid_mid", "resid_post", "mlp_out", "attn_out"]
 
@@ -99,14 +101,24 @@ def test_values_match_means_of_cached_activations(
         np.testing.assert_allclose(arrays[f"layer_{layer}_mean_abs"], mean_abs, rtol=1e-6, atol=1e-6)
 
 
-def test_values_stop_after_the_last_chosen_layer(loaded: LoadedModel, dataset: TokenDataset) -> None:
+@pytest.mark.parametrize("forward", ["lean", "transformer_lens"])
+def test_values_stop_after_the_last_chosen_layer(
+    loaded: LoadedModel, dataset: TokenDataset, forward: str
+) -> None:
+    resources = {"model": loaded, "dataset": dataset}
+    ctx = StepContext(case_id="case", seed=0, device="cpu", resources=resources.__getitem__)
+    # The lean forward's check runs the whole model once per run: done before the hook is added.
+    assert checked_lean_forward(ctx, loaded.model, "") is not None
     calls = []
     last = loaded.n_layers - 1
     loaded.model.add_hook(
         hook_name("resid_pre", last), lambda act, hook: calls.append(hook.name), is_permanent=True
     )
     try:
-        run(loaded, dataset, layers="0", site="resid_post", normalization="none")
+        params = ActivationImportanceParams(
+            layers="0", site="resid_post", normalization="none", forward=forward
+        )
+        activation_importance(ctx, params)
     finally:
         loaded.model.reset_hooks(including_permanent=True)
     assert calls == []
@@ -156,6 +168,40 @@ def test_gradients_match_autograd_of_summed_loss(
         atol = 1e-6 * np.abs(mean_abs).max()  # float32 backward: exact up to rounding of the largest terms
         np.testing.assert_allclose(arrays[f"layer_{layer}_mean"], mean, rtol=1e-5, atol=atol)
         np.testing.assert_allclose(arrays[f"layer_{layer}_mean_abs"], mean_abs, rtol=1e-5, atol=atol)
+
+
+@pytest.mark.parametrize("forward", ["lean", "transformer_lens"])
+@pytest.mark.parametrize("aggregate_by", ["values", "gradients"])
+def test_llama_blocks_match_transformer_lens_hooks_and_autograd(forward: str, aggregate_by: str) -> None:
+    """Rotary, grouped key-value heads, a gated SiLU MLP and RMS norms (SmolLM2's blocks), on either
+    forward, against TransformerLens' own cache and autograd of its summed loss."""
+    model = make_model(**LEAN_ARCHITECTURES["llama"])
+    info = {"n_layers": model.cfg.n_layers, "d_model": model.cfg.d_model, "d_mlp": model.cfg.d_mlp}
+    loaded = LoadedModel("tiny-llama", model, None, "tests/helpers.py", info)
+    tokens = torch.randint(0, model.cfg.d_vocab, (5, 16), generator=torch.Generator().manual_seed(2))
+    dataset = TokenDataset("random", tokens, fingerprint="llama")
+    names = [hook_name("mlp_post", layer) for layer in range(loaded.n_layers)]
+    if aggregate_by == "values":
+        expected = {name: cached_means(loaded, tokens, name) for name in names}
+    else:
+        expected = autograd_means(loaded, tokens, names)
+    output, ctx = run(
+        loaded,
+        dataset,
+        aggregate_by=aggregate_by,
+        aggregation_mode="both",
+        normalization="none",
+        batch_size=2,
+        forward=forward,
+    )
+    assert not any("lean" in note for note in ctx.notes)  # the lean forward passed its check and ran
+    arrays = output.data["consolidated_results.npz"]
+    for layer, name in enumerate(names):
+        mean, mean_abs = expected[name]
+        # float32 through other kernels (SDPA, fused rotary): equal up to rounding of the largest terms
+        atol = 1e-5 * np.abs(mean_abs).max()
+        np.testing.assert_allclose(arrays[f"layer_{layer}_mean"], mean, rtol=1e-4, atol=atol)
+        np.testing.assert_allclose(arrays[f"layer_{layer}_mean_abs"], mean_abs, rtol=1e-4, atol=atol)
 
 
 def test_gradients_do_not_depend_on_batch_size(loaded: LoadedModel, dataset: TokenDataset) -> None:
@@ -350,6 +396,16 @@ def test_plots_are_figures_named_like_the_seed(
     assert all(isinstance(figure, Figure) for figure in output.plots.values())
     written = RunFolder(tmp_path).write_plots("case", output.plots)
     assert all((tmp_path / path).stat().st_size > 0 for path in written)
+
+
+def test_layer_histograms_false_skips_only_the_per_layer_files(
+    loaded: LoadedModel, dataset: TokenDataset
+) -> None:
+    with_all, _ = run(loaded, dataset, aggregation_mode="both")
+    without, _ = run(loaded, dataset, aggregation_mode="both", layer_histograms=False)
+    per_layer = {name for name in with_all.plots if name.startswith("layer_")}
+    assert len(per_layer) == loaded.n_layers * 2
+    assert set(without.plots) == set(with_all.plots) - per_layer
 
 
 # --- summary --------------------------------------------------------------------------------------
