@@ -295,7 +295,8 @@ class LeanForward:
         dtype than ``x``.
         """
         cfg = self.model.cfg
-        dim, length = cfg.rotary_dim, x.shape[1]
+        length = x.shape[1]
+        dim = cfg.rotary_dim if cfg.rotary_dim is not None else x.shape[-1]
         tables = attn.rotary_cos.shape[0], attn.rotary_cos.dtype
         if cfg.rotary_adjacent_pairs or offset + length > tables[0] or tables[1] != x.dtype:
             return torch.cat(  # apply_rotary's q and k, one at a time, as TransformerLens calls it

@@ -106,7 +106,8 @@ def clean_batch(
             hooks += [_key_hook(workload, layer), f"blocks.{layer}.attn.hook_v"]
     acts, before_lean = capture(model, tokens, hooks, stop_at_layer=lean)
     assert before_lean is not None
-    resid, kv_after = before_lean, []
+    resid = before_lean
+    kv_after: list[tuple[torch.Tensor, torch.Tensor]] = []
     if lean < n_layers:
         assert workload.lean is not None
         with torch.no_grad():
