@@ -28,8 +28,8 @@ points without registering a hook on the model (so that several threads can run 
 once). Hooks inside attention (``hook_q``, ``hook_k``, ``hook_v``, ``hook_rot_q``, ``hook_rot_k``,
 ``hook_attn_scores``, ``hook_pattern``, ``hook_z``, ``hook_result``) are not called.
 
-On SmolLM2-135M (one CPU thread, passes of about 1400 tokens) a lean block takes 82 us per token
-against its matmuls' 74 us (an AMD EPYC); TransformerLens' takes about 30% longer.
+``benchmarks/interventions.py`` and ``benchmarks/importance.py`` measure it against TransformerLens'
+blocks and against transformers (figures, with the CPU they ran on, in ``benchmarks/README.md``).
 
 Only configurations whose every feature is covered here are accepted (:func:`unsupported_reason`),
 and :meth:`LeanForward.refusal` checks the lean pass against TransformerLens' forward on the model's
