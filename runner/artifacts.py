@@ -27,7 +27,7 @@ from runner.results import to_jsonable
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["RunFolder", "create_run_folder", "safe_name", "write_atomic"]
+__all__ = ["RunFolder", "create_run_folder", "entry_name", "safe_name", "write_atomic"]
 
 
 def safe_name(case_id: str) -> str:
@@ -126,6 +126,22 @@ class RunFolder:
             write_atomic(path, lambda f, content=content: f.write(content))  # type: ignore[misc]
         return [path.relative_to(self.root).as_posix() for path, _ in files]
 
+    def restore(self, case_id: str, files: dict[str, Path]) -> dict[str, list[str]]:
+        """Copy a cached case's files (names from :func:`entry_name`) into this folder for ``case_id``.
+
+        Returns the paths written, relative to the run folder, by kind (``results``, ``data``, ``plots``).
+        """
+        written: dict[str, list[str]] = {"results": [], "data": [], "plots": []}
+        for name, source in files.items():
+            kind, _, rest = name.partition("/")
+            if kind in ("data", "plots"):
+                path = self.root / kind / safe_name(case_id) / rest
+            else:  # result.json, result.npz
+                kind, path = "results", self.root / "results" / f"{safe_name(case_id)}{Path(name).suffix}"
+            write_atomic(path, lambda f, source=source: f.write(source.read_bytes()))  # type: ignore[misc]
+            written[kind].append(path.relative_to(self.root).as_posix())
+        return written
+
     def write_data(self, case_id: str, data: dict[str, Any]) -> list[str]:
         """Write a case's data files; returns their paths relative to the run folder."""
         written = []
@@ -162,6 +178,20 @@ class RunFolder:
         path = self.root / name
         _write_text(path, text)
         return path
+
+
+def entry_name(case_id: str, path: str) -> str:
+    """A run-folder path of ``case_id``'s files as a cache entry names it, without the case id.
+
+    ``results/<case>.json`` → ``result.json``; ``data/<case>/x.csv`` → ``data/x.csv``; same for plots.
+    """
+    kind, _, rest = path.partition("/")
+    if kind == "results":
+        return f"result{Path(rest).suffix}"
+    prefix = f"{safe_name(case_id)}/"
+    if kind not in ("data", "plots") or not rest.startswith(prefix):
+        raise ValueError(f"{path} is not a file of case {case_id}")
+    return f"{kind}/{rest[len(prefix) :]}"
 
 
 def spec_hash(text: str) -> str:

@@ -1,4 +1,4 @@
-"""The ``runner`` command: validate, plan, run, schema, list, show.
+"""The ``runner`` command: validate, plan, run, rerun, diff, report, cache, schema, list, show.
 
 User errors (bad specs, unknown names, unavailable resources) print a message without a traceback
 and exit 2, like pytest's usage errors. Run exit codes follow pytest: 0 all passed, 1 failures,
@@ -53,6 +53,48 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument(
                 "--device", choices=["auto", "cpu", "cuda"], help="override the spec's model.device"
             )
+            cmd.add_argument(
+                "--force", action="store_true", help="recompute the selected cases (and store them)"
+            )
+            cmd.add_argument(
+                "--lf",
+                "--last-failed",
+                dest="last_failed",
+                action="store_true",
+                help="run only the cases that failed or errored in the spec's last run",
+            )
+            cmd.add_argument(
+                "--no-cache", action="store_true", help="neither read nor write the result cache"
+            )
+        cmd.add_argument(
+            "--cache-dir",
+            type=Path,
+            help="the result cache (default $RUNNER_RESULTS_CACHE, $RUNNER_CACHE_DIR/results "
+            "or ~/.cache/runner/results)",
+        )
+
+    rerun = sub.add_parser("rerun", help="run a run folder's spec again without the cache and compare")
+    rerun.add_argument("run_dir", type=Path)
+    rerun.add_argument(
+        "--output-dir", type=Path, help="parent of the new run folder (default: beside RUN_DIR)"
+    )
+    rerun.add_argument("--rtol", type=float, help="relative tolerance for every analysis")
+    rerun.add_argument("--atol", type=float, help="absolute tolerance for every analysis")
+    rerun.add_argument("-k", dest="keyword", metavar="EXPR", help="rerun only these cases")
+    rerun.add_argument("-q", "--quiet", action="count", default=0, help="less output")
+    rerun.add_argument("-v", "--verbose", action="count", default=0, help="more output")
+    diff = sub.add_parser("diff", help="what differs between two run folders")
+    diff.add_argument("run_a", type=Path)
+    diff.add_argument("run_b", type=Path)
+    diff.add_argument("--html", type=Path, help="write the comparison as HTML here (default: diff.html)")
+    diff.add_argument("--rtol", type=float, default=0.0, help="differences within it are not listed")
+    diff.add_argument("--atol", type=float, default=0.0, help="differences within it are not listed")
+    report = sub.add_parser("report", help="re-render report.md and report.html from a run folder")
+    report.add_argument("run_dir", type=Path)
+    cache = sub.add_parser("cache", help="see or trim the result cache")
+    cache.add_argument("action", choices=["ls", "prune"])
+    cache.add_argument("--older-than", metavar="AGE", help="prune entries unused for AGE (30d, 12h, 45m)")
+    cache.add_argument("--cache-dir", type=Path, help="the result cache folder")
 
     sub.add_parser("schema", help="print the JSON Schema of spec files")
     sub.add_parser("list", help="list registered analyses")
@@ -118,11 +160,23 @@ def _load_plan(path: Path, keyword: str | None = None) -> Any:
 
 def _plan(args: argparse.Namespace, out: Console) -> int:
     plan = _load_plan(args.spec, args.keyword)
-    print_plan(plan, out)
+    states = None if getattr(args, "collect_only", False) else _cache_states(plan, args)
+    print_plan(plan, out, states)
     return 0 if plan.cases else NO_CASES_EXIT_CODE
 
 
-def print_plan(plan: Any, out: Console) -> None:
+def _cache_states(plan: Any, args: argparse.Namespace) -> dict[str, str]:
+    from runner.cache import FileHashes, ResultCache, default_results_dir
+    from runner.plan_state import cache_states
+
+    root = args.cache_dir or default_results_dir()
+    hashes = FileHashes(root / "file-hashes.json")
+    states = cache_states(plan, ResultCache(root), hashes, Path(plan.source).parent)
+    hashes.save()
+    return states
+
+
+def print_plan(plan: Any, out: Console, states: dict[str, str] | None = None) -> None:
     """The plan as a tree, like ``pytest --collect-only``."""
     from rich.markup import escape
     from rich.tree import Tree
@@ -144,24 +198,115 @@ def print_plan(plan: Any, out: Console) -> None:
     for case in plan.cases:
         if case.step.id not in steps:
             steps[case.step.id] = tree.add(f"<Step {escape(case.step.id)}: {escape(case.analysis)}>")
-        node = steps[case.step.id].add(f"<Case {escape(case.id)}>")
+        state = f" {_styled_state(states[case.id])}" if states else ""
+        node = steps[case.step.id].add(f"<Case {escape(case.id)}>{state}")
         for check in case.checks:
             node.add(f"[dim]expect: {escape(check.expression.text)}[/dim]")
     out.print(tree, crop=False)
     deselected = f", {len(plan.deselected)} deselected" if plan.deselected else ""
-    out.print(f"{len(plan.cases)} cases collected{deselected}")
+    counts = ""
+    if states:
+        kinds = [state.split(":")[0].split(" ")[0] for state in states.values()]
+        counts = (
+            " (" + ", ".join(f"{kinds.count(k)} {k}" for k in ("cached", "new", "stale") if k in kinds) + ")"
+        )
+    out.print(f"{len(plan.cases)} cases collected{deselected}{counts}")
+
+
+def _styled_state(state: str) -> str:
+    from rich.markup import escape
+
+    color = {"cached": "green", "new": "cyan", "stale": "yellow"}.get(
+        state.split(":")[0].split(" ")[0], "red"
+    )
+    return f"[{color}]{escape(state)}[/{color}]"
 
 
 def _run(args: argparse.Namespace, out: Console) -> int:
     plan = _load_plan(args.spec, args.keyword)
     if args.collect_only:
         return _plan(args, out)
+    if args.last_failed:
+        plan = _last_failed(plan, args, out)
     if not plan.cases:
         out.print(f"no cases selected ({len(plan.deselected)} deselected by -k {args.keyword!r})")
         return NO_CASES_EXIT_CODE
     from runner.session import run_session
 
     return run_session(plan, args, out)
+
+
+def _last_failed(plan: Any, args: argparse.Namespace, out: Console) -> Any:
+    """``--lf``: the cases that failed or errored in the spec's newest run folder (all when none did)."""
+    from runner.load import newest_run_dir, read_manifest
+    from runner.planner import Plan
+
+    last = newest_run_dir(args.output_dir or Path(plan.spec.output.dir), plan.spec.name)
+    if last is None:
+        out.print("run-last-failure: no earlier run of this spec; running every selected case")
+        return plan
+    records = read_manifest(last).get("cases", {})
+    failed = {case_id for case_id, r in records.items() if r.get("status") in ("failed", "error")}
+    kept = tuple(c for c in plan.cases if c.id in failed)
+    if not kept:
+        out.print(f"run-last-failure: no failed case in {last}; running every selected case")
+        return plan
+    dropped = tuple(c for c in plan.cases if c.id not in failed)
+    out.print(f"run-last-failure: rerunning {len(kept)} case(s) that failed in {last}")
+    return Plan(plan.spec, plan.source, kept, plan.deselected + dropped)
+
+
+def _report(args: argparse.Namespace, out: Console) -> int:
+    from rich.markup import escape
+
+    from runner.load import rerender_reports
+
+    for path in rerender_reports(args.run_dir):
+        out.print(f"report: {escape(str(path))}")
+    return 0
+
+
+def _rerun(args: argparse.Namespace, out: Console) -> int:
+    from runner.compare import rerun
+
+    return rerun(args, out)
+
+
+def _diff(args: argparse.Namespace, out: Console) -> int:
+    from runner.compare import diff_runs
+
+    return diff_runs(args, out)
+
+
+def _cache(args: argparse.Namespace, out: Console) -> int:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from runner.cache import ResultCache, default_results_dir, parse_age
+
+    cache = ResultCache(args.cache_dir or default_results_dir())
+    if args.action == "prune":
+        age = parse_age(args.older_than) if args.older_than else None
+        removed, freed = cache.prune(age)
+        out.print(f"removed {removed} entries ({freed / 1e6:.1f} MB) from {escape(str(cache.root))}")
+        return 0
+    entries = cache.entries()
+    table = Table("key", "spec", "case", "created", "last used", "MB", "run", box=None)
+    for e in entries:
+        m = e.meta
+        table.add_row(
+            e.key[:12],
+            m.get("spec", ""),
+            m.get("case", ""),
+            str(m.get("created", ""))[:16].replace("T", " "),
+            str(m.get("used") or "")[:16].replace("T", " "),
+            f"{cache.size(e) / 1e6:.2f}",
+            m.get("run_dir") or "",
+        )
+    out.print(table)
+    total = sum(cache.size(e) for e in entries)
+    out.print(f"{len(entries)} entries, {total / 1e6:.1f} MB in {escape(str(cache.root))}")
+    return 0
 
 
 def _schema(args: argparse.Namespace, out: Console) -> int:
@@ -243,6 +388,10 @@ COMMANDS = {
     "validate": _validate,
     "plan": _plan,
     "run": _run,
+    "rerun": _rerun,
+    "diff": _diff,
+    "report": _report,
+    "cache": _cache,
     "schema": _schema,
     "list": _list,
     "show": _show,

@@ -1,7 +1,8 @@
 """Console output in pytest's shape: a header, one line per case, failures, then the summary line.
 
 Progress bars (cases, and batches within a case) are drawn with rich on a terminal and left out
-when the output is a file or a CI log.
+when the output is a file or a CI log. Everything printed also goes to the ``log`` console when
+given (the run folder's ``run.log``), without colours or progress bars.
 """
 
 from __future__ import annotations
@@ -26,11 +27,31 @@ LABELS = {"passed": "PASSED", "failed": "FAILED", "error": "ERROR", "not run": "
 class ConsoleReporter:
     """Prints the run like pytest; ``verbosity`` -1 (``-q``), 0, or 1 (``-v``)."""
 
-    def __init__(self, console: Console | None = None, verbosity: int = 0) -> None:
+    def __init__(
+        self, console: Console | None = None, verbosity: int = 0, log: Console | None = None
+    ) -> None:
         self.console = console or Console(highlight=False)
         self.verbosity = verbosity
+        self.log = log
         self._progress: Progress | None = None
         self._cases_task: Any = None
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        """Print to the console and to the log."""
+        self.console.print(*objects, **kwargs)
+        if self.log is not None:
+            self.log.print(*objects, **kwargs)
+
+    def rule(self, title: str = "", **kwargs: Any) -> None:
+        """A horizontal rule on the console and in the log."""
+        self.console.rule(title, **kwargs)
+        if self.log is not None:
+            self.log.rule(title, **kwargs)
+
+    def message(self, text: str) -> None:
+        """A line about the run itself (waiting for a lock, what the cache did)."""
+        if self.verbosity >= 0:
+            self.print(f"[dim]{escape(text)}[/dim]")
 
     @property
     def live(self) -> bool:
@@ -42,14 +63,14 @@ class ConsoleReporter:
         if self.verbosity < 0:
             return
         spec = plan.spec
-        self.console.rule(f"runner: {escape(spec.name)}")
-        self.console.print(
+        self.rule(f"runner: {escape(spec.name)}")
+        self.print(
             f"spec: {escape(plan.source)}   model: {escape(spec.model.name)}   "
             f"dataset: {escape(spec.dataset.name)}   seed: {spec.seed}"
         )
         deselected = f" / {len(plan.deselected)} deselected" if plan.deselected else ""
-        self.console.print(f"collected {len(plan.cases) + len(plan.deselected)} cases{deselected}")
-        self.console.print(f"run folder: {escape(run_dir)}\n")
+        self.print(f"collected {len(plan.cases) + len(plan.deselected)} cases{deselected}")
+        self.print(f"run folder: {escape(run_dir)}\n")
 
     @contextmanager
     def running(self, total: int) -> Iterator[None]:
@@ -70,6 +91,8 @@ class ConsoleReporter:
         """A spinner (or a plain line) while a resource loads."""
         if self.verbosity < 0:
             return nullcontext()
+        if self.log is not None:
+            self.log.print(f"{message}…")
         if self._progress is not None:
             self._progress.console.print(f"[dim]{escape(message)}…[/dim]")
             return nullcontext()
@@ -100,16 +123,15 @@ class ConsoleReporter:
         if self.verbosity < 0 and result.status == "passed":
             return
         style = STYLES[result.status]
-        self.console.print(
-            f"{escape(result.case.id)} [{style}]{LABELS[result.status]}[/{style}] "
-            f"[dim]({result.duration:.1f}s)[/dim]"
-        )
+        timing = f"cached, {result.cache.get('source', '')}" if result.cached else f"{result.duration:.1f}s"
+        label = f"[{style}]{LABELS[result.status]}[/{style}]"
+        self.print(f"{escape(result.case.id)} {label} [dim]({escape(timing)})[/dim]")
         for note in result.notes if self.verbosity >= 0 else ():
-            self.console.print(f"  [yellow]note:[/yellow] {escape(note)}")
+            self.print(f"  [yellow]note:[/yellow] {escape(note)}")
         if self.verbosity > 0:
             for check in result.checks:
                 mark = "[green]✓[/green]" if check.passed else "[red]✗[/red]"
-                self.console.print(f"  {mark} {escape(check.name)}")
+                self.print(f"  {mark} {escape(check.name)}")
 
     def finish(
         self, run: RunResult, plan: Plan, run_dir: str, reports: list[str], fulltrace: bool = False
@@ -117,19 +139,17 @@ class ConsoleReporter:
         """Failures and errors in detail, the reports written (or the run folder), and the summary line."""
         self._details(run, fulltrace)
         if run.interrupted:
-            self.console.print(
-                "[yellow]Interrupted: finished cases are saved; the run folder is valid.[/yellow]"
-            )
+            self.print("[yellow]Interrupted: finished cases are saved; the run folder is valid.[/yellow]")
         if run.aborted:
-            self.console.print(f"[red]Run aborted:[/red] {escape(run.aborted)}")
+            self.print(f"[red]Run aborted:[/red] {escape(run.aborted)}")
         if self.verbosity >= 0:
             for report in reports:
-                self.console.print(f"report: {escape(report)}")
+                self.print(f"report: {escape(report)}")
             if not reports:
-                self.console.print(f"no report; data and manifest.json are in {escape(run_dir)}")
+                self.print(f"no report; data and manifest.json are in {escape(run_dir)}")
         bad = run.count("failed") or run.count("error") or run.interrupted or run.aborted
         style = "red" if bad else "green" if run.results else "yellow"
-        self.console.rule(f"[{style}]{escape(run.summary_line(len(plan.deselected)))}[/{style}]", style=style)
+        self.rule(f"[{style}]{escape(run.summary_line(len(plan.deselected)))}[/{style}]", style=style)
 
     def _details(self, run: RunResult, fulltrace: bool) -> None:
         failed = [
@@ -139,20 +159,18 @@ class ConsoleReporter:
         ]
         if not failed:
             return
-        self.console.rule("FAILURES", characters="=")
+        self.rule("FAILURES", characters="=")
         for result in failed:
-            self.console.rule(f"[red]{escape(result.case.id)}[/red]", characters="_")
+            self.rule(f"[red]{escape(result.case.id)}[/red]", characters="_")
             for check in result.checks:
                 if not check.passed:
-                    self.console.print(f"[red]expectation failed:[/red] {escape(check.name)}")
-                    self.console.print(escape(check.explanation))
+                    self.print(f"[red]expectation failed:[/red] {escape(check.name)}")
+                    self.print(escape(check.explanation))
             if result.error:
                 text = result.traceback if (fulltrace and result.traceback) else result.error
-                self.console.print(escape(text))
+                self.print(escape(text))
                 if result.traceback and not fulltrace:
-                    self.console.print(
-                        "[dim](full traceback in manifest.json; or rerun with --fulltrace)[/dim]"
-                    )
+                    self.print("[dim](full traceback in manifest.json; or rerun with --fulltrace)[/dim]")
 
 
 @contextmanager

@@ -37,6 +37,12 @@ __all__ = [
 
 T = TypeVar("T")
 
+DEFAULT_RTOL = 1e-4
+"""float32 carries ~7 significant digits; a sum over thousands of tokens computed in another order
+(another CPU, thread count or BLAS) moves the last 2-3 of them. 1e-4 allows that and nothing more."""
+DEFAULT_ATOL = 1e-6
+"""Numbers below this are zero for the comparison (e.g. a mean over cancelling gradients)."""
+
 
 def close_matches(name: str, candidates: list[str], n: int = 3, cutoff: float = 0.6) -> list[str]:
     """Names in ``candidates`` that look like a misspelling of ``name`` (case-insensitive, best first)."""
@@ -107,6 +113,10 @@ class Analysis:
     needs: frozenset[str]
     version: int = 1
     """Bumped by the analysis when the same params would now give other numbers (cache keys use it)."""
+    rtol: float = DEFAULT_RTOL
+    """Relative tolerance when ``runner rerun`` compares a recomputed number with the recorded one."""
+    atol: float = DEFAULT_ATOL
+    """Absolute tolerance of the same comparison (what counts as zero)."""
 
     @property
     def summary(self) -> str:
@@ -129,6 +139,8 @@ def analysis(
     result: type[StepResult],
     needs: tuple[str, ...] = ("model", "dataset"),
     version: int = 1,
+    rtol: float = DEFAULT_RTOL,
+    atol: float = DEFAULT_ATOL,
 ) -> Callable[[F], F]:
     """Register ``func(ctx, params) -> StepOutput`` as the analysis ``name``.
 
@@ -136,14 +148,17 @@ def analysis(
     (a step that needs no model runs once, not once per swept model). Checked at decoration time
     so that a malformed analysis fails when it is imported, naming the definition: the function
     takes ``(ctx, params)`` and has a docstring, ``params`` is a frozen Pydantic model that
-    forbids extra keys, and ``result`` is a :class:`StepResult`.
+    forbids extra keys, and ``result`` is a :class:`StepResult`. ``version`` goes into cache keys
+    (bump it when the same params give other numbers); ``rtol`` / ``atol`` are the tolerances
+    ``runner rerun`` compares its numbers with.
     """
 
     def decorate(func: F) -> F:
         origin = f"{func.__module__}.{func.__qualname__}"
         _check_definition(name, func, params, result, needs, origin)
         doc = inspect.getdoc(func) or ""
-        ANALYSES.add(name, Analysis(name, func, params, result, doc, frozenset(needs), version), origin)
+        entry = Analysis(name, func, params, result, doc, frozenset(needs), version, rtol, atol)
+        ANALYSES.add(name, entry, origin)
         return func
 
     return decorate

@@ -4,6 +4,9 @@ The report templates include one partial per analysis (``templates/analyses/<nam
 ``.html.j2``; ``_default`` otherwise). Numbers are formatted in templates with the ``fmt`` filter.
 The HTML embeds its plots as data URIs so the single file opens from disk anywhere. The templates
 ship as package data, so an installed runner renders reports from any folder.
+
+Reports are rendered from ``manifest.json`` and the files of the run folder alone, so ``runner
+report RUN_DIR`` re-renders them without recomputing anything.
 """
 
 from __future__ import annotations
@@ -11,16 +14,17 @@ from __future__ import annotations
 import base64
 import importlib.resources
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import jinja2
 
 from runner.artifacts import RunFolder
-from runner.executor import CaseResult, RunResult
-from runner.planner import Plan
+from runner.executor import summary_line
+from runner.spec import ExperimentSpec
 
 __all__ = ["environment", "fmt", "render_reports", "templates_dir"]
 
@@ -78,29 +82,38 @@ class CaseView:
     traceback: str | None
     plots: list[PlotView]
     data_files: list[str]
+    cache: dict[str, Any] = field(default_factory=dict)
+    """The case's cache record: ``key``, ``state`` (``cached`` or ``computed``), ``source``."""
 
     @classmethod
-    def of(cls, result: CaseResult, root: Path) -> CaseView:
-        """Build from a :class:`CaseResult`."""
-        case = result.case
-        plots = [PlotView(Path(p).stem, p, root) for p in result.plot_files]
+    def from_manifest(
+        cls, planned: dict[str, Any], record: dict[str, Any], description: str, root: Path
+    ) -> CaseView:
+        """Build from a case of the manifest's ``plan`` and its record under ``cases``."""
+        plots = [PlotView(Path(p).stem, p, root) for p in record.get("plot_files", [])]
         return cls(
-            case.id,
-            case.step.id,
-            case.analysis,
-            case.step.description,
-            result.status,
-            result.duration,
-            case.params.model_dump(mode="json"),
-            case.sweep_values,
-            result.summary,
-            result.notes,
-            result.checks,
-            result.error,
-            result.traceback,
+            planned["id"],
+            planned["step"],
+            planned["analysis"],
+            description,
+            record.get("status", "not run"),
+            float(record.get("duration_s", 0.0)),
+            planned.get("params", {}),
+            planned.get("sweep_values", {}),
+            record.get("summary", {}),
+            record.get("notes", []),
+            [SimpleNamespace(**c) for c in record.get("checks", [])],
+            record.get("error"),
+            record.get("traceback"),
             plots,
-            result.data_files,
+            record.get("data_files", []),
+            record.get("cache", {}),
         )
+
+    @property
+    def cached(self) -> bool:
+        """Whether the case's result came from the cache."""
+        return self.cache.get("state") == "cached"
 
     def plot(self, name: str) -> PlotView | None:
         """The plot whose file stem is ``name``, if any."""
@@ -121,28 +134,34 @@ def environment(templates: Path | None = None) -> jinja2.Environment:
     return env
 
 
-def render_reports(
-    folder: RunFolder,
-    plan: Plan,
-    run: RunResult,
-    manifest: dict[str, Any],
-    *,
-    spec_text: str,
-    html: bool = True,
-) -> list[Path]:
-    """Write ``report.md`` (and ``report.html``); returns the paths written."""
-    env = environment()
-    context = {
-        "plan": plan,
-        "spec": plan.spec,
+def report_context(folder: RunFolder, manifest: dict[str, Any], spec_text: str) -> dict[str, Any]:
+    """What the report templates see, built from the manifest (and the run folder's files) alone."""
+    spec = ExperimentSpec.model_validate(manifest["spec"]["resolved"])
+    descriptions = {step.id: step.description for step in spec.steps}
+    records = manifest.get("cases", {})
+    cases = [
+        CaseView.from_manifest(p, records.get(p["id"], {}), descriptions.get(p["step"], ""), folder.root)
+        for p in manifest.get("plan", [])
+    ]
+    counts = {s: int(manifest.get("totals", {}).get(s, 0)) for s in ("failed", "passed", "error", "not run")}
+    cached = sum(1 for c in cases if c.cached)
+    deselected = manifest.get("deselected", [])
+    return {
+        "plan": SimpleNamespace(source=manifest["spec"]["path"], deselected=deselected),
+        "spec": spec,
         "manifest": manifest,
         "spec_text": spec_text,
-        "cases": [CaseView.of(r, folder.root) for r in run.results],
-        "summary_line": run.summary_line(len(plan.deselected)),
-        "run": run,
+        "cases": cases,
+        "summary_line": summary_line(counts, cached, len(deselected), float(manifest.get("duration_s", 0.0))),
     }
+
+
+def render_reports(folder: RunFolder, manifest: dict[str, Any], *, spec_text: str) -> list[Path]:
+    """Write ``report.md`` (and ``report.html`` unless the spec's ``output.html`` is false)."""
+    env = environment()
+    context = report_context(folder, manifest, spec_text)
     paths = [folder.write_text("report.md", env.get_template("report.md.j2").render(context, html=False))]
-    if html:
+    if context["spec"].output.html:
         paths.append(
             folder.write_text("report.html", env.get_template("report.html.j2").render(context, html=True))
         )

@@ -31,6 +31,13 @@ def _training_text() -> str:
     return "\n".join(topics[key] for key in sorted(topics)[:40])
 
 
+@pytest.fixture(autouse=True)
+def _own_results_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test gets an empty result cache (runner/cache.py), so no test reuses another's results,
+    nor the user's; subprocesses inherit it. The model weight cache stays shared."""
+    monkeypatch.setenv("RUNNER_RESULTS_CACHE", str(tmp_path_factory.mktemp("results-cache")))
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A byte-level BPE tokenizer (320 tokens) saved with ``save_pretrained``.
