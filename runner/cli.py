@@ -295,13 +295,18 @@ def _cache(args: argparse.Namespace, out: Console) -> int:
     for e in entries:
         m = e.meta
         table.add_row(
-            e.key[:12],
-            m.get("spec", ""),
-            m.get("case", ""),
-            str(m.get("created", ""))[:16].replace("T", " "),
-            str(m.get("used") or "")[:16].replace("T", " "),
-            f"{cache.size(e) / 1e6:.2f}",
-            m.get("run_dir") or "",
+            *(
+                escape(str(cell))
+                for cell in (
+                    e.key[:12],
+                    m.get("spec", ""),
+                    m.get("case", ""),
+                    str(m.get("created", ""))[:16].replace("T", " "),
+                    str(m.get("used") or "")[:16].replace("T", " "),
+                    f"{cache.size(e) / 1e6:.2f}",
+                    m.get("run_dir") or "",
+                )
+            )
         )
     out.print(table)
     total = sum(cache.size(e) for e in entries)

@@ -17,7 +17,15 @@ from typing import Any
 
 from runner.errors import RunnerError
 
-__all__ = ["LoadedCase", "LoadedRun", "load_run", "newest_run_dir", "read_manifest", "rerender_reports"]
+__all__ = [
+    "LoadedCase",
+    "LoadedRun",
+    "load_run",
+    "newest_run_dir",
+    "read_manifest",
+    "rerender_reports",
+    "run_dirs",
+]
 
 TABLE_SUFFIXES = (".csv", ".jsonl")
 ARRAY_SUFFIXES = (".npz", ".npy", ".safetensors")
@@ -50,10 +58,25 @@ def read_manifest(run_dir: Path) -> dict[str, Any]:
     return manifest
 
 
-def newest_run_dir(output_dir: Path, spec_name: str) -> Path | None:
-    """The newest run folder of ``spec_name`` under ``output_dir`` (folder names start with a timestamp)."""
+def run_dirs(output_dir: Path, spec_name: str) -> list[Path]:
+    """The run folders of ``spec_name`` under ``output_dir``, oldest first.
+
+    Ordered by when each started: the spec copy written when the folder was created (folder names
+    have a one-second timestamp, and two runs of edited specs in one second sort by hash).
+    """
     parent = Path(output_dir) / spec_name
-    runs = sorted(p for p in parent.glob("*") if (p / "manifest.json").is_file()) if parent.is_dir() else []
+    runs = [p for p in parent.glob("*") if (p / "manifest.json").is_file()] if parent.is_dir() else []
+    return sorted(runs, key=_started_ns)
+
+
+def _started_ns(run_dir: Path) -> tuple[str, int]:
+    copies = [p.stat().st_mtime_ns for p in run_dir.glob("*.y*ml")]
+    return run_dir.name[:15], min(copies, default=run_dir.stat().st_mtime_ns)
+
+
+def newest_run_dir(output_dir: Path, spec_name: str) -> Path | None:
+    """The newest run folder of ``spec_name`` under ``output_dir``, or None."""
+    runs = run_dirs(output_dir, spec_name)
     return runs[-1] if runs else None
 
 
@@ -127,14 +150,20 @@ def _read_table(path: Path) -> Any:
 def _read_arrays(path: Path) -> Any:
     import numpy as np
 
-    if path.suffix == ".npy":
-        return np.load(path, allow_pickle=False)
-    if path.suffix == ".safetensors":
-        from safetensors.numpy import load_file
+    try:
+        if path.suffix == ".npy":
+            return np.load(path, allow_pickle=False)
+        if path.suffix == ".safetensors":
+            from safetensors.numpy import load_file
 
-        return load_file(str(path))
-    with np.load(path, allow_pickle=False) as npz:
-        return {key: npz[key] for key in npz.files}
+            return load_file(str(path))
+        with np.load(path, allow_pickle=False) as npz:
+            return {key: npz[key] for key in npz.files}
+    except ValueError as exc:  # an object array: reading it would unpickle
+        raise RunnerError(
+            f"{path} holds pickled Python objects ({exc}); runner never unpickles files.\n"
+            "runner writes no such file: this one was put in the run folder by something else."
+        ) from None
 
 
 @dataclass
