@@ -9,8 +9,8 @@ concatenation); and every bias is added, though most models' are zero. The fast 
 ``sae_interventions`` runs hundreds of thousands of token-blocks, so it runs the same blocks with:
 
 - weights used as they are stored (``x @ W``: the matmul reads the transposed layout directly),
-  except the Q, K and V projections, copied into one matrix per call (under a quarter of a block's
-  weights) so that they take one matmul;
+  except the Q, K and V projections, copied into one matrix (under a quarter of a block's weights,
+  kept while they are unchanged) so that they take one matmul;
 - the rotary embedding of queries and keys together, in three passes, with the same products and
   sums as TransformerLens' (``x cos - x' sin``, ``x' cos + x sin``) and its own sine and cosine tables;
 - attention by ``F.scaled_dot_product_attention``, with a prefix of cached keys and values (the
@@ -112,17 +112,17 @@ def unsupported_reason(model: HookedTransformer) -> str | None:
     return None
 
 
-def _qkv_weight(attn: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Q, K and V projections as one ``(d_model, (H + 2 Hkv) d_head)`` matrix, and their three biases.
-
-    Built on every call from the live parameters (a copy of (H + 2 Hkv) x d_model x d_head numbers,
-    small next to a pass's matmuls), so nothing is kept between calls and weight edits are always seen.
-    """
+def _qkv_parts(attn: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The live Q, K and V weights ``(heads, d_model, d_head)`` and biases (grouped K and V unrepeated)."""
     grouped = hasattr(attn, "_W_K")
     w_k, w_v = (attn._W_K, attn._W_V) if grouped else (attn.W_K, attn.W_V)
     b_k, b_v = (attn._b_K, attn._b_V) if grouped else (attn.b_K, attn.b_V)
-    weights = [w.permute(1, 0, 2).reshape(w.shape[1], -1) for w in (attn.W_Q, w_k, w_v)]
-    return torch.cat(weights, dim=1), [attn.b_Q, b_k, b_v]
+    return [attn.W_Q, w_k, w_v], [attn.b_Q, b_k, b_v]
+
+
+def _version(tensors: list[torch.Tensor]) -> tuple[tuple[int, int], ...]:
+    """Where each tensor's storage is and how often it was changed in place: equal while unchanged."""
+    return tuple((t.data_ptr(), t._version) for t in tensors)
 
 
 def _point(point: Any, x: torch.Tensor, edits: Edits) -> torch.Tensor:
@@ -153,6 +153,11 @@ class LeanForward:
 
     model: HookedTransformer
     _zero: dict[int, tuple[tuple[int, int], bool]] = field(default_factory=dict, repr=False, compare=False)
+    _qkv: dict[int, tuple[tuple[tuple[int, int], ...], torch.Tensor]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
+    """Per attention layer (by ``id``): its weights' versions and their ``(d_model, (H + 2 Hkv) d_head)``
+    concatenation, rebuilt whenever a weight changes (storage or in-place version)."""
     """Per bias parameter (by ``id``): its (storage, version) when last checked, and whether it was
     all zeros then."""
 
@@ -258,7 +263,7 @@ class LeanForward:
         attn: Any = self.model.blocks[layer].attn
         batch, length, _ = x.shape
         heads, kv_heads, d_head = cfg.n_heads, cfg.n_key_value_heads or cfg.n_heads, cfg.d_head
-        weight, biases = _qkv_weight(attn)
+        weight, biases = self._qkv_weight(attn)
         qkv = torch.matmul(x, weight)  # (B, P, (H + 2 Hkv) d_head)
         if any(self._nonzero(b) is not None for b in biases):
             qkv.add_(torch.cat([b.reshape(-1) for b in biases]))
@@ -285,6 +290,24 @@ class LeanForward:
         z = z.view(batch, kv_heads, group, length, d_head).permute(0, 3, 1, 2, 4)  # (B, P, Hkv, G, dh)
         w_out = attn.W_O.reshape(heads * d_head, -1)  # (H d_head, d_model)
         return self._biased(torch.matmul(z.reshape(batch, length, heads * d_head), w_out), attn.b_O)
+
+    def _qkv_weight(self, attn: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Q, K and V projections as one ``(d_model, (H + 2 Hkv) d_head)`` matrix, and their biases.
+
+        Kept between passes while the weights are unchanged (a fresh 2 MB copy per layer and pass
+        costs page faults as well as the copy); built anew from the live parameters after any edit,
+        and whenever gradients may flow to them.
+        """
+        weights, biases = _qkv_parts(attn)
+        grads = torch.is_grad_enabled() and any(w.requires_grad for w in weights)
+        version = _version(weights)
+        known = None if grads else self._qkv.get(id(attn))
+        if known is not None and known[0] == version:
+            return known[1], biases
+        joined = torch.cat([w.permute(1, 0, 2).reshape(w.shape[1], -1) for w in weights], dim=1)
+        if not grads:
+            self._qkv[id(attn)] = (version, joined)
+        return joined, biases
 
     def _rotate(self, attn: Any, x: torch.Tensor, offset: int) -> torch.Tensor:
         """TransformerLens' rotary embedding (``apply_rotary``) of ``x`` ``(B, P, heads, d_head)`` at

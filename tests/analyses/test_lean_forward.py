@@ -89,7 +89,7 @@ def test_block_hooks_edit_the_lean_pass_as_they_edit_transformer_lens(model: Any
 
 
 def test_lean_pass_reads_the_live_weights() -> None:
-    """Weight edits (zeroing a super weight, say) reach the lean pass: it keeps no copy."""
+    """Weight edits (zeroing a super weight, say) reach the lean pass: its joined Q, K, V copy is rebuilt."""
     model = make_model(**ARCHITECTURES["llama"])
     lean = LeanForward.of(model)
     assert lean is not None
