@@ -46,14 +46,18 @@ def case_lines(out: str) -> dict[str, str]:
     return found
 
 
-def test_a_second_run_takes_every_case_from_the_cache_and_writes_the_same_files(write_spec, run_cli, tmp_path):
+def test_a_second_run_takes_every_case_from_the_cache_and_writes_the_same_files(
+    write_spec, run_cli, tmp_path
+):
     spec = write_spec(CHAIN)
     first_code, _, _ = run_cli("run", spec)
     code, out, _ = run_cli("run", spec)
     assert code == first_code == 1  # toy[value=1.0] fails its expectation, also when cached
     first, second = run_folders(tmp_path)
     lines = case_lines(out)
-    assert all("(cached, computed" in line and f"by runs/chain/{first.name}" in line for line in lines.values())
+    assert all(
+        "(cached, computed" in line and f"by runs/chain/{first.name}" in line for line in lines.values()
+    )
     assert lines["toy[value=1.0]"].startswith("FAILED")
     assert "1 failed, 2 passed, 3 from cache in" in out.splitlines()[-1]
     old, new = manifest_of(first), manifest_of(second)
@@ -160,7 +164,10 @@ def test_a_damaged_entry_is_recomputed_with_a_note(write_spec, run_cli, tmp_path
     (entry / "files" / "data" / "rows.csv").write_text("tampered\n")
     _, out, _ = run_cli("run", spec)
     assert "cached" not in case_lines(out)["toy[value=2.0]"]
-    assert f"note: the cache entry {record['cache']['base'][:12]} was damaged (data/rows.csv does not match" in out
+    assert (
+        f"note: the cache entry {record['cache']['base'][:12]} was damaged (data/rows.csv does not match"
+        in out
+    )
     _, out, _ = run_cli("run", spec)
     assert "cached" in case_lines(out)["toy[value=2.0]"]
     assert "was damaged" not in out  # the note belonged to that run, not to the stored result
@@ -197,7 +204,12 @@ def test_manifest_records_provenance(write_spec, run_cli, tmp_path):
 def test_run_log_keeps_what_the_console_printed(write_spec, run_cli, tmp_path):
     _, out, _ = run_cli("run", write_spec(CHAIN))
     log = (run_folders(tmp_path)[0] / "run.log").read_text()
-    for line in ("toy[value=1.0] FAILED", "note: toy ran with n=4", "assert 9.0 > 10", "1 failed, 2 passed in"):
+    for line in (
+        "toy[value=1.0] FAILED",
+        "note: toy ran with n=4",
+        "assert 9.0 > 10",
+        "1 failed, 2 passed in",
+    ):
         assert line in out and line in log
 
 

@@ -41,7 +41,9 @@ def test_key_params_leave_out_batch_size_and_fields_that_say_so():
     assert base_key({"params": key_params(Params(batch_size=2))}) == base_key(
         {"params": key_params(Params(batch_size=64))}
     )
-    assert base_key({"params": key_params(Params(layers="0-6"))}) != base_key({"params": key_params(Params())})
+    assert base_key({"params": key_params(Params(layers="0-6"))}) != base_key(
+        {"params": key_params(Params())}
+    )
 
 
 def test_cache_key_is_the_base_key_without_reads_and_changes_with_them():
@@ -105,7 +107,9 @@ def test_dataset_identity_hashes_a_local_file_and_keeps_its_settings(tmp_path):
 def test_describe_changes_names_each_changed_input_with_old_and_new():
     old = {"params": {"layers": "0-5", "k": 1}, "model": {"sha256": "a" * 64}}
     new = {"params": {"layers": "0-29", "k": 1}, "model": {"sha256": "b" * 64}}
-    assert describe_changes(old, new) == f"model.sha256 {'a' * 12} -> {'b' * 12}, params.layers '0-5' -> '0-29'"
+    assert (
+        describe_changes(old, new) == f"model.sha256 {'a' * 12} -> {'b' * 12}, params.layers '0-5' -> '0-29'"
+    )
     assert describe_changes(old, old) == "no input changed"
 
 
@@ -151,7 +155,9 @@ def test_a_damaged_entry_is_detected(tmp_path, damage):
 
 def test_temporary_folders_of_dead_writers_are_removed(tmp_path):
     cache = ResultCache(tmp_path / "cache")
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
     orphan = tmp_path / "cache" / "tmp" / f"{'cd' * 32}-{int(dead.stdout)}-deadbeef"
     (orphan / "files").mkdir(parents=True)
     _store_one(cache, tmp_path)
@@ -169,7 +175,9 @@ def test_the_entry_lock_excludes_another_process(tmp_path):
     lock = tmp_path / "cache" / "locks" / f"{'ef' * 32}.lock"
 
     def other_process_sees() -> str:
-        return subprocess.run([sys.executable, "-c", probe, str(lock)], capture_output=True, text=True).stdout.strip()
+        return subprocess.run(
+            [sys.executable, "-c", probe, str(lock)], capture_output=True, text=True
+        ).stdout.strip()
 
     with cache.lock("ef" * 32):
         assert other_process_sees() == "held"
