@@ -531,7 +531,7 @@ def _activation(
                 "bin_contains": bin_contains,
                 "tokens": token_text(ids[inside]),
                 "values": [float(v) for v in window[inside]],
-                "qualifying_token_index": int(np.flatnonzero(inside)[: table.buffer[0] + 1].size - 1),
+                "qualifying_token_index": int(np.count_nonzero(inside[: table.buffer[0]])),
             }
         )
     return out
