@@ -106,14 +106,19 @@ def brute(tiny_model: LoadedModel, tokens: torch.Tensor, sae_dir: Path) -> np.nd
     return acts
 
 
+def result(output: StepOutput) -> fa.FeatureAnalysisResult:
+    assert isinstance(output.result, fa.FeatureAnalysisResult)
+    return output.result
+
+
 def records(output: StepOutput) -> dict[int, dict[str, Any]]:
     return {r["feature_index"]: r for r in output.data["features.jsonl"]}
 
 
 def test_density_moments_and_maximum_match_brute_force(output: StepOutput, brute: np.ndarray) -> None:
-    layer = output.result.layers[1]
+    layer = result(output).layers[1]
     counted = brute.shape[0] - 11  # 10 BOS and one EOS left out
-    assert output.result.n_tokens == counted
+    assert result(output).n_tokens == counted
     np.testing.assert_array_equal(layer.density, (brute > 0).sum(0) / counted)
     np.testing.assert_array_equal(layer.max_activation, brute.max(0))
     fired_mean = [brute[:, f][brute[:, f] > 0].astype(np.float64).mean() for f in range(D_SAE)]
@@ -259,16 +264,16 @@ def test_cards_list_csv_features_first_then_the_densest(
 ) -> None:
     (sae_dir / "labels.csv").write_text('layer,feature,label\n1,9,"a label"\n')
     out = run(tiny_model, tokens, sae_dir, features="0-3", features_csv="labels.csv", cards=4)
-    cards = out.result.cards
+    cards = result(out).cards
     assert [(c.feature, c.why, c.label) for c in cards[:1]] == [(0, "listed", "")]
     assert [c.feature for c in cards] == [0, 1, 2, 3]  # the listed features fill the cards
     assert sorted(r["feature_index"] for r in out.data["features.jsonl"]) == [0, 1, 2, 3, 9]
     out = run(tiny_model, tokens, sae_dir, features_csv="labels.csv", cards=3)
     densest = [int(f) for f in np.argsort(-(brute > 0).sum(0), kind="stable") if f != 9][:2]
-    assert [(c.feature, c.why) for c in out.result.cards] == [(9, "csv")] + [
+    assert [(c.feature, c.why) for c in result(out).cards] == [(9, "csv")] + [
         (f, "top_frequency") for f in densest
     ]
-    assert out.result.cards[0].label == "a label"
+    assert result(out).cards[0].label == "a label"
 
 
 def test_a_feature_past_the_sae_is_a_clear_error(
@@ -282,7 +287,7 @@ def test_report_partials_render_cards_with_values_on_hover(
     output: StepOutput, render_partial: Callable[..., str]
 ) -> None:
     html = render_partial(output, "feature_analysis.html.j2")
-    card = output.result.cards[0]
+    card = result(output).cards[0]
     assert f'id="feature-1-{card.feature}"' in html and html.count('class="fcard"') == 3
     first = card.examples[0]
     assert f'title="{first["values"][first["index"]]:.4g}"' in html  # the activation on hover
@@ -337,8 +342,8 @@ def test_feature_analysis_reads_a_dictionary_learning_folder(
     torch.manual_seed(1)
     write_dictionary_learning(tmp_path / "dl", torch.randn(32, 12) / 6, torch.zeros(12), k=3)
     out = run(tiny_model, tokens, tmp_path, sae={"path": "dl"}, cards=1)
-    assert out.result.layers[1].hook == HOOK and out.result.layers[1].mean_l0 == pytest.approx(3.0)
-    assert "dictionary_learning checkpoint" in out.result.layers[1].sae["source"]
+    assert result(out).layers[1].hook == HOOK and result(out).layers[1].mean_l0 == pytest.approx(3.0)
+    assert "dictionary_learning checkpoint" in result(out).layers[1].sae["source"]
 
 
 def test_dictionary_learning_of_another_width_names_file_sizes_and_hook(

@@ -126,7 +126,8 @@ def test_seed_default_spec_keeps_the_seed_settings() -> None:
         256,
     )
     assert params["sae"] == {"release": "gpt2-small-res-jb"}
-    assert (params["hook"], params["layers"], params["alpha"]) == ("resid_post", "0-11", 2.0)
+    # resid_pre: Neuronpedia's {L}-res-jb labels (the spec's features CSV) are blocks.{L}.hook_resid_pre's
+    assert (params["hook"], params["layers"], params["alpha"]) == ("resid_pre", "0-11", 2.0)
     assert params["alpha_sweep"] == [0, 0.5, 1, 2, 4]
     assert (params["feature_source"], params["features_per_layer"], params["batch_size"]) == ("csv", 5, 16)
 
