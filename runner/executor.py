@@ -17,16 +17,18 @@ import time
 import traceback
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from runner.artifacts import RunFolder, entry_name
 from runner.cache import CorruptEntry, KeyMaker, ResultCache, base_key, cache_key
 from runner.errors import ResourceError, RunnerError
 from runner.planner import Case, Plan
 from runner.registry import ANALYSES, Analysis
-from runner.resources import Resources
 from runner.results import result_bytes, result_from_files, to_jsonable
 from runner.step import FinishedCase, StepContext, StepOutput
+
+if TYPE_CHECKING:
+    from runner.resources import Resources  # imports torch: only a case that computes needs it
 
 __all__ = ["Caching", "CaseResult", "CheckResult", "RunResult", "run_plan"]
 

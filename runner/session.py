@@ -22,7 +22,6 @@ from runner.executor import Caching, RunResult, run_plan
 from runner.manifest import build_manifest, environment
 from runner.planner import Plan
 from runner.reports import render_reports
-from runner.resources import Resources
 
 __all__ = ["caching_for", "run_session"]
 
@@ -75,7 +74,7 @@ def _run(
     spec_text: str,
     base_dir: Path,
 ) -> int:
-    resources = Resources(base_dir=base_dir, device_override=args.device, status=reporter.status)
+    resources: Any = _LazyResources(base_dir=base_dir, device_override=args.device, status=reporter.status)
     caching = caching_for(plan, args, str(folder.root.resolve()), base_dir)
     started = datetime.now().astimezone()
     env = environment(base_dir)
@@ -117,6 +116,30 @@ def _run(
     reports = _write_reports(folder, manifest, spec_text, reporter)
     reporter.finish(run, plan, str(folder.root), [str(p) for p in reports], fulltrace=args.fulltrace)
     return run.exit_code
+
+
+class _LazyResources:
+    """:class:`runner.resources.Resources`, created (importing torch) when a case first computes.
+
+    A run whose cases all come from the cache then never imports torch: it finishes in a second or two.
+    """
+
+    def __init__(self, **settings: Any) -> None:
+        self._settings = settings
+        self._real: Any = None
+        self.base_dir: Path = settings["base_dir"]
+
+    @property
+    def loaded(self) -> dict[str, dict[str, Any]]:
+        """What was loaded, for the manifest (nothing until a case computes)."""
+        return self._real.loaded if self._real is not None else {"models": {}, "datasets": {}, "saes": {}}
+
+    def __getattr__(self, name: str) -> Any:
+        if self._real is None:
+            from runner.resources import Resources
+
+            self._real = Resources(**self._settings)
+        return getattr(self._real, name)
 
 
 def _write_reports(
