@@ -192,7 +192,8 @@ def run_plan(
                 else:
                     _run_cached(result, folder, resources, reporter, upstream, run_cache, caching)
             except KeyboardInterrupt:
-                result.status, result.error = "not run", "interrupted by the user (Ctrl-C)"
+                if result.status not in ("passed", "failed"):  # else it finished, and was being stored
+                    result.status, result.error = "not run", "interrupted by the user (Ctrl-C)"
                 run.interrupted = True
             except ResourceError as exc:
                 result.status, result.error = "error", str(exc)
