@@ -38,6 +38,7 @@ from runner.hooks import Site
 from runner.params import Indices
 from runner.registry import analysis
 from runner.results import Array, JSONValue, StepResult
+from runner.saes import SAESource
 from runner.step import StepContext, StepOutput
 
 
@@ -53,6 +54,13 @@ class ActivationImportanceParams(BaseModel):
     """Hook site: ``mlp_post`` is ``blocks.{L}.mlp.hook_post`` (d_mlp dims); the others are
     ``blocks.{L}.hook_<site>`` (d_model dims): ``resid_pre``, ``resid_mid``, ``resid_post``, ``mlp_out``,
     ``attn_out``."""
+
+    sae: SAESource | None = None
+    """Importance over an SAE's features at ``site`` (the seed's ``sae_gradient_analysis.py``), d_sae
+    dims per layer: ``values`` are the feature activations; ``gradients`` the loss gradient with
+    respect to them with the SAE spliced in at that layer alone and its error term kept (so the
+    forward pass is the model's): ``W_dec[f] · dLoss/dactivation`` at every position. Sources as in
+    ``sae_interventions``: ``{name: ...}``, ``{release: ...}``, ``{path: ...}``, ``{from_step: ...}``."""
 
     aggregate_by: Literal["values", "gradients"] = "values"
     """``values``: the activations (forward only, fast).
@@ -135,6 +143,8 @@ class ActivationImportanceResult(StepResult):
     n_tokens: int
     aggregate_by: Literal["values", "gradients"]
     site: Site
+    sae: JSONValue = None
+    """Per layer, the SAE whose features are the dims (source, hook, d_sae), or ``None``."""
     power: float | None
     normalization: str
     model: str
@@ -142,7 +152,12 @@ class ActivationImportanceResult(StepResult):
     """The importance vectors themselves, per layer and variant: ``(dims,)`` float64 arrays."""
 
 
-@analysis("activation_importance", params=ActivationImportanceParams, result=ActivationImportanceResult)
+@analysis(
+    "activation_importance",
+    params=ActivationImportanceParams,
+    result=ActivationImportanceResult,
+    needs=("model", "dataset", "saes"),
+)
 def activation_importance(ctx: StepContext, params: ActivationImportanceParams) -> StepOutput:
     """Per-dimension mean / mean |·| of activations or loss gradients at one hook site, per layer."""
     from analyses.activation_importance.compute import run

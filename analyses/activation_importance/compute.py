@@ -28,6 +28,7 @@ from analyses.activation_importance import ActivationImportanceParams, Activatio
 from runner.errors import ResourceError
 from runner.hooks import hook_name, require_layers
 from runner.models import require_hooks
+from runner.saes.loading import LoadedSAE
 from runner.step import StepContext, StepOutput
 
 if TYPE_CHECKING:
@@ -63,19 +64,25 @@ class Measurement:
     power: float | None
     n_tokens: int
     timing: Timing
+    saes: dict[int, LoadedSAE] = field(default_factory=dict)  # layer → SAE whose features are the dims
 
 
 def run(ctx: StepContext, params: ActivationImportanceParams) -> StepOutput:
     """Per-dimension mean / mean |·| of activations or loss gradients at one hook site, per layer."""
     start = time.perf_counter()
     layers = _resolve_layers(ctx, params)
-    hooks = {layer: hook_name(params.site, layer) for layer in layers}
-    require_hooks(ctx.model, list(hooks.values()), where=f"activation_importance case {ctx.case_id}")
+    where = f"activation_importance case {ctx.case_id}"
+    saes: dict[int, LoadedSAE] = {}
+    if params.sae is not None:
+        loaded = ctx.saes(params.sae, layers=tuple(layers), site=params.site, where=where)
+        saes = {sae.layer: sae for sae in loaded}
+    hooks = {layer: saes[layer].hook_name if saes else hook_name(params.site, layer) for layer in layers}
+    require_hooks(ctx.model, list(hooks.values()), where=where)
     power = _resolve_power(ctx, params.power)
-    accumulators, timing = _accumulate(ctx, params, hooks)
+    accumulators, timing = _accumulate(ctx, params, hooks, saes)
     results = _variants(ctx, accumulators, params, power)
     timing.total_seconds = time.perf_counter() - start
-    m = Measurement(results, hooks, power, next(iter(accumulators.values())).count, timing)
+    m = Measurement(results, hooks, power, next(iter(accumulators.values())).count, timing, saes)
     return StepOutput(  # notes are recorded through ctx.note
         result=_summary(ctx, params, m), data=_data_files(ctx, params, m), plots=_plots(ctx, params, results)
     )
@@ -103,9 +110,13 @@ def _resolve_power(ctx: StepContext, power: float | tuple[float, ...] | None) ->
 
 
 def _accumulate(
-    ctx: StepContext, params: ActivationImportanceParams, hooks: dict[int, str]
+    ctx: StepContext,
+    params: ActivationImportanceParams,
+    hooks: dict[int, str],
+    saes: dict[int, LoadedSAE] | None = None,
 ) -> tuple[dict[int, DimAccumulator], Timing]:
-    """Stream the dataset through the model once, accumulating per-dimension sums per layer."""
+    """Stream the dataset through the model once, accumulating per-dimension sums per layer (of the
+    SAE's features at layers in ``saes``)."""
     model = ctx.model.model
     dataset = ctx.dataset
     if len(dataset) == 0:
@@ -130,9 +141,9 @@ def _accumulate(
         for tokens in batches:
             batch_start = time.perf_counter()
             if params.aggregate_by == "values":
-                forward, backward = _values_step(model, lean, tokens.to(device), hooks, accumulators)
+                forward, backward = _values_step(model, lean, tokens.to(device), hooks, accumulators, saes)
             else:
-                forward, backward = _gradients_step(model, lean, tokens.to(device), hooks, accumulators)
+                forward, backward = _gradients_step(model, lean, tokens.to(device), hooks, accumulators, saes)
             timing.batch_seconds.append(time.perf_counter() - batch_start)
             timing.forward_seconds += forward
             timing.backward_seconds += backward
@@ -145,16 +156,20 @@ def _values_step(
     tokens: torch.Tensor,
     hooks: dict[int, str],
     accumulators: dict[int, DimAccumulator],
+    saes: dict[int, LoadedSAE] | None = None,
 ) -> tuple[float, float]:
     """One forward pass that stops after the last chosen layer; returns (forward, backward) seconds."""
 
-    def adder(accumulator: DimAccumulator) -> Any:
+    def adder(accumulator: DimAccumulator, sae: LoadedSAE | None) -> Any:
         def hook(act: torch.Tensor, hook: Any) -> None:
-            accumulator.add(act)  # act: (B, T, D)
+            accumulator.add(act if sae is None else sae.encode(act))  # (B, T, D) or (B, T, d_sae)
 
         return hook
 
-    fwd_hooks: FwdHooks = [(name, adder(accumulators[layer])) for layer, name in hooks.items()]
+    saes = saes or {}
+    fwd_hooks: FwdHooks = [
+        (name, adder(accumulators[layer], saes.get(layer))) for layer, name in hooks.items()
+    ]
     stop = max(hooks) + 1
     start = time.perf_counter()
     with torch.no_grad():
@@ -179,6 +194,7 @@ def _gradients_step(
     tokens: torch.Tensor,
     hooks: dict[int, str],
     accumulators: dict[int, DimAccumulator],
+    saes: dict[int, LoadedSAE] | None = None,
 ) -> tuple[float, float]:
     """One forward and one backward pass for all layers; returns (forward, backward) seconds."""
     acts: dict[int, torch.Tensor] = {}
@@ -209,9 +225,27 @@ def _gradients_step(
         middle = time.perf_counter()
         layers = list(acts)
         grads = torch.autograd.grad(loss, [acts[layer] for layer in layers])
+    saes = saes or {}
     for layer, grad in zip(layers, grads, strict=True):
-        accumulators[layer].add(grad)  # grad: (B, T, D)
+        sae = saes.get(layer)
+        if sae is not None:
+            grad = _feature_gradient(sae, acts[layer].detach(), grad)
+        accumulators[layer].add(grad)  # grad: (B, T, D) or (B, T, d_sae)
     return middle - start, time.perf_counter() - middle
+
+
+def _feature_gradient(sae: LoadedSAE, act: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The loss gradient with respect to the SAE's feature activations ``(B, T, d_sae)``, given the
+    gradient with respect to the activation ``act`` ``(B, T, d)`` the SAE reads.
+
+    With the SAE spliced in at this hook and its error term kept, the activation is
+    ``decode(f) + error`` and the forward pass is unchanged, so ``dLoss/df = W_dec · dLoss/dact``
+    (times the decoder's run-time input scale where the SAE normalizes its input).
+    """
+    w_dec = sae.sae.W_dec  # (d_sae, d)
+    scale = sae.decoder_scale(act).to(w_dec.dtype)  # (B, T, 1)
+    with torch.no_grad():
+        return torch.matmul(grad.to(w_dec.dtype), w_dec.T) * scale
 
 
 def _summed_next_token_loss(
@@ -304,6 +338,7 @@ def _summary(
         "n_tokens": m.n_tokens,
         "aggregate_by": params.aggregate_by,
         "site": params.site,
+        "sae": {layer: sae.info for layer, sae in m.saes.items()} if m.saes else None,
         "power": m.power,
         "normalization": params.normalization,
         "model": ctx.model.name,
@@ -392,6 +427,7 @@ def _metadata(
             "layers": list(m.hooks),
             "site": params.site,
             "hook_names": list(m.hooks.values()),
+            "sae": {layer: sae.info for layer, sae in m.saes.items()} if m.saes else None,
             "dataset": dataset.name,
             "dataset_fingerprint": dataset.fingerprint,
             "num_samples": len(dataset),
@@ -437,6 +473,8 @@ def _how_to_load(results: Results) -> str:
 
 
 def _quantity(params: ActivationImportanceParams) -> str:
+    if params.sae is not None:
+        return "SAE feature activation" if params.aggregate_by == "values" else "SAE feature loss gradient"
     return "activation" if params.aggregate_by == "values" else "loss gradient"
 
 

@@ -507,3 +507,107 @@ def test_html_partial_shows_table_and_peak(
     png = (tmp_path / "plots/case/importance_by_layer.png").read_bytes()  # written as a run writes it
     uri = f"data:image/png;base64,{base64.b64encode(png).decode()}"
     assert png.startswith(b"\x89PNG") and f'<img src="{uri}" alt="importance_by_layer">' in text
+
+
+# --- importance over SAE features -----------------------------------------------------------------
+
+
+def random_sae(loaded: LoadedModel, hook: str, d_sae: int, folder: Path) -> Any:
+    """A random standard SAE at ``hook`` (biases set so that features fire on some positions), saved."""
+    from sae_lens import StandardSAE, StandardSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    torch.manual_seed(3)
+    d_in = loaded.model.cfg.d_model
+    sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae, metadata=SAEMetadata(hook_name=hook)))
+    with torch.no_grad():
+        sae.W_enc.normal_(0, d_in**-0.5)
+        sae.W_dec.normal_(0, d_in**-0.5)
+        sae.b_enc.uniform_(-0.5, 0.2)
+        sae.b_dec.normal_(0, 0.1)
+    sae.save_model(folder)
+    return sae.eval()
+
+
+def spliced_feature_gradients(
+    loaded: LoadedModel, tokens: torch.Tensor, hook: str, sae: Any
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and mean |·| over positions of d(summed loss)/d(feature activations), by autograd through
+    the SAE spliced in at ``hook`` with its error term kept (SAELens' ``use_error_term``)."""
+    features: list[torch.Tensor] = []
+
+    def splice(act: torch.Tensor, hook: Any) -> torch.Tensor:
+        f = sae.encode(act.detach()).requires_grad_(True)  # (B, T, d_sae): the leaf
+        features.append(f)
+        reconstruction = sae.decode(f)
+        return reconstruction + (act - reconstruction).detach()  # same values, gradient through f
+
+    loss = loaded.model.run_with_hooks(
+        tokens, return_type="loss", loss_per_token=True, fwd_hooks=[(hook, splice)]
+    ).sum()
+    (grad,) = torch.autograd.grad(loss, features)
+    grad = grad.double().flatten(0, 1)  # (B T, d_sae)
+    return grad.mean(0).numpy(), grad.abs().mean(0).numpy()
+
+
+@pytest.mark.parametrize("aggregate_by", ["values", "gradients"])
+def test_sae_features_match_encoding_and_spliced_autograd(
+    loaded: LoadedModel, dataset: TokenDataset, tmp_path: Path, aggregate_by: str
+) -> None:
+    hook = hook_name("resid_post", 1)
+    sae = random_sae(loaded, hook, 48, tmp_path / "sae")
+    resources_ctx = StepContext.standalone(model=loaded, dataset=dataset, spec_dir=tmp_path)
+    params = ActivationImportanceParams(
+        layers="1",
+        site="resid_post",
+        sae={"path": "sae"},
+        aggregate_by=aggregate_by,
+        aggregation_mode="both",
+        normalization="none",
+        batch_size=2,
+    )
+    output = activation_importance(resources_ctx, params)
+    arrays = output.data["consolidated_results.npz"]
+    if aggregate_by == "values":
+        with torch.no_grad():
+            _, cache = loaded.model.run_with_cache(dataset.tokens)
+            f = sae.encode(cache[hook]).double().flatten(0, 1)  # (B T, d_sae)
+        mean, mean_abs = f.mean(0).numpy(), f.abs().mean(0).numpy()
+    else:
+        mean, mean_abs = spliced_feature_gradients(loaded, dataset.tokens, hook, sae)
+    assert arrays["layer_1_mean"].shape == (48,)
+    atol = 1e-5 * np.abs(mean_abs).max()  # float32: other kernels, equal up to rounding
+    np.testing.assert_allclose(arrays["layer_1_mean"], mean, rtol=1e-4, atol=atol)
+    np.testing.assert_allclose(arrays["layer_1_mean_abs"], mean_abs, rtol=1e-4, atol=atol)
+    assert output.result.dims == {1: 48}
+    assert output.result.sae is not None
+
+
+def test_sae_feature_gradient_is_the_decoder_row_times_the_activation_gradient(
+    loaded: LoadedModel, dataset: TokenDataset, tmp_path: Path
+) -> None:
+    """Where a feature fires, its gradient is W_dec[f] · dLoss/dactivation (the issue's identity),
+    checked per position against TransformerLens' own gradient at the hook."""
+    from analyses.activation_importance.compute import _feature_gradient
+    from runner.saes.loading import LoadedSAE
+
+    hook = hook_name("resid_post", 0)
+    sae = random_sae(loaded, hook, 40, tmp_path / "sae")
+    kept: dict[str, torch.Tensor] = {}
+
+    def keep(act: torch.Tensor, hook: Any) -> torch.Tensor:
+        act = act.detach().requires_grad_(True)
+        kept["act"] = act
+        return act
+
+    loss = loaded.model.run_with_hooks(
+        dataset.tokens, return_type="loss", loss_per_token=True, fwd_hooks=[(hook, keep)]
+    ).sum()
+    (grad_act,) = torch.autograd.grad(loss, [kept["act"]])  # (B, T, d)
+    loaded_sae = LoadedSAE(sae=sae, layer=0, site="resid_post", hook_name=hook, sae_hook=hook, source="test")
+    got = _feature_gradient(loaded_sae, kept["act"].detach(), grad_act)  # (B, T, d_sae)
+    with torch.no_grad():
+        fires = sae.encode(kept["act"]) > 0  # (B, T, d_sae)
+    assert fires.any() and not fires.all()
+    by_hand = torch.einsum("btd,fd->btf", grad_act.double(), sae.W_dec.detach().double())
+    np.testing.assert_allclose(got[fires].numpy(), by_hand[fires].numpy(), rtol=1e-5, atol=1e-7)
