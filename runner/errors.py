@@ -80,3 +80,7 @@ class ResourceError(RunnerError):
 
 class ExpressionError(RunnerError):
     """An expectation expression that does not parse or uses something outside the language."""
+
+
+BAD_INPUT: tuple[type[RunnerError], ...] = (SpecError, PlanError, ResourceError, ExpressionError)
+"""Errors that mean the input is wrong (exit code 2), not the code."""

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from runner.artifacts import RunFolder, entry_name
 from runner.cache import CorruptEntry, KeyMaker, ResultCache, base_key, cache_key
-from runner.errors import ResourceError, RunnerError
+from runner.errors import BAD_INPUT, ResourceError, RunnerError
 from runner.planner import Case, Plan
 from runner.registry import ANALYSES, Analysis
 from runner.results import result_bytes, result_from_files, to_jsonable
@@ -60,6 +60,9 @@ class CaseResult:
     notes: list[str] = field(default_factory=list)
     error: str | None = None
     traceback: str | None = None
+    bad_input: bool = False
+    """The error is the input's (a model, dataset, SAE or parameter the case cannot use), not the
+    code's: the run ends with exit code 2, as a bad spec does, once every other case has run."""
     cache: dict[str, Any] = field(default_factory=dict)
     """``key``, ``state`` (``cached``, ``computed`` or ``not stored``) and, when cached, ``source``."""
 
@@ -82,6 +85,7 @@ class CaseResult:
                 "plot_files": self.plot_files,
                 "notes": self.notes,
                 "error": self.error,
+                "bad_input": self.bad_input,
                 "traceback": self.traceback,
             }
         )
@@ -102,8 +106,9 @@ class RunResult:
 
     @property
     def exit_code(self) -> int:
-        """pytest's codes: 0 all passed, 1 failures or errors, 2 interrupted or aborted, 5 nothing ran."""
-        if self.interrupted or self.aborted:
+        """pytest's codes: 0 all passed, 1 failures or errors, 2 interrupted, aborted or a case stopped by
+    bad input, 5 nothing ran."""
+        if self.interrupted or self.aborted or any(r.bad_input for r in self.results):
             return 2
         if not self.results:
             return 5
@@ -502,6 +507,7 @@ def _check(result: CaseResult) -> None:
 
 def _fail(result: CaseResult, exc: BaseException) -> None:
     result.status = "error"
+    result.bad_input = isinstance(exc, BAD_INPUT)
     result.error = str(exc) if isinstance(exc, RunnerError) else f"{type(exc).__name__}: {exc}"
     if not isinstance(exc, RunnerError):
         result.traceback = "".join(traceback.format_exception(exc))

@@ -11,6 +11,7 @@ import pytest
 from matplotlib.figure import Figure
 from pydantic import BaseModel, ConfigDict
 
+from runner.errors import ResourceError
 from runner.registry import ANALYSES, analysis
 from runner.results import Array, StepResult
 from runner.step import StepOutput
@@ -27,6 +28,8 @@ class ToyParams(BaseModel):
     """Length of the array written."""
     fail: bool = False
     """Raise inside the analysis."""
+    missing: str | None = None
+    """A file the case needs that does not exist: the case raises ResourceError (bad input)."""
     interrupt: bool = False
     """Raise KeyboardInterrupt, as Ctrl-C would."""
     sleep: float = 0.0
@@ -49,6 +52,8 @@ def toy(ctx, params):
         raise KeyboardInterrupt
     if params.fail:
         raise ValueError(f"toy failure for value {params.value}")
+    if params.missing is not None:
+        raise ResourceError(f"toy case {ctx.case_id}: `missing` {params.missing} does not exist.")
     time.sleep(params.sleep)
     squares = [params.value * i * i for i in range(params.n)]
     figure = Figure()

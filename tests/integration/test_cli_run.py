@@ -109,6 +109,22 @@ def test_erroring_case_is_recorded_and_others_still_run(write_spec, run_cli, tmp
     assert "1 passed, 1 error in" in out
 
 
+def test_a_case_stopped_by_bad_input_exits_two_and_keeps_the_others(write_spec, run_cli, tmp_path):
+    spec = write_spec(
+        TOY_SPEC.replace("value: [1.0, 2.0]", "missing: [null, nowhere.txt]\n        value: [5.0]")
+    )
+    code, out, err = run_cli("run", spec)
+    assert code == 2  # as for a bad spec; the other case still ran and is in the folder
+    folder = only_run_folder(tmp_path, "toy-run")
+    cases = json.loads((folder / "manifest.json").read_text())["cases"]
+    bad = cases["toy[missing=nowhere.txt-value=5.0]"]
+    assert bad["status"] == "error" and bad["bad_input"] is True and bad["traceback"] is None
+    assert "`missing` nowhere.txt does not exist" in out
+    assert "Traceback" not in out + err
+    assert cases["toy[missing=None-value=5.0]"]["status"] == "passed"
+    assert (folder / "data" / "toy[missing=None-value=5.0]" / "rows.csv").exists()
+
+
 def test_exitfirst_stops_after_first_failure(write_spec, run_cli, tmp_path):
     code, out, _ = run_cli("run", write_spec(TOY_SPEC), "-x")
     assert code == 1

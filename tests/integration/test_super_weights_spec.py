@@ -120,7 +120,7 @@ def test_windows_that_do_not_fit_fail_the_case_with_a_fitting_setting(
 ):
     spec = write_spec(SPEC.format(model=planted_dir, tokens=5000, row=ROW, col=COL))
     code, out, _ = run_cli("run", spec)
-    assert code == 1
+    assert code == 2  # bad input: the case errors with what would fit, the run exits as for a bad spec
     assert "the window settings do not fit this dataset and model" in out
     error = json.loads((only_run_folder(tmp_path, "planted") / "manifest.json").read_text())["cases"][
         "vocab"
