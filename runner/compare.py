@@ -308,13 +308,20 @@ def rerun(args: argparse.Namespace, out: Console) -> int:
             comparisons.append(CaseComparison(case.id, problem="not in the recorded run"))
             continue
         analysis = ANALYSES.get(case.analysis)
-        rtol = args.rtol if args.rtol is not None else analysis.rtol
-        atol = args.atol if args.atol is not None else analysis.atol
+        rtol, atol = _tolerance(args, case.step.tolerance, analysis)
         comparisons.append(
             compare_cases(case.id, run_dir, old_record, new_dir, new["cases"].get(case.id, {}), rtol, atol)
         )
     _print_rerun(out, run_dir, new_dir, comparisons, time.perf_counter() - started)
     return 0 if comparisons and all(c.reproduced for c in comparisons) else 1
+
+
+def _tolerance(args: Any, spec: Any, analysis: Any) -> tuple[float, float]:
+    """``(rtol, atol)``: the command line's, else the step's ``tolerance:`` in the spec, else the
+    analysis' declared defaults."""
+    rtol = next(t for t in (args.rtol, spec and spec.rtol, analysis.rtol) if t is not None)
+    atol = next(t for t in (args.atol, spec and spec.atol, analysis.atol) if t is not None)
+    return float(rtol), float(atol)
 
 
 def _recorded_selection(plan: Any, manifest: dict[str, Any]) -> Any:

@@ -84,6 +84,15 @@ class SweepSpec(StrictModel):
         return self
 
 
+class ToleranceSpec(StrictModel):
+    """How close a rerun's numbers must be to the recorded ones: ``|new - old| <= atol + rtol * |old|``."""
+
+    rtol: float | None = Field(default=None, ge=0)
+    """Relative tolerance; default: the analysis' own (``runner show NAME``)."""
+    atol: float | None = Field(default=None, ge=0)
+    """Absolute tolerance; default: the analysis' own."""
+
+
 class StepSpec(StrictModel):
     """One registered analysis with its parameters."""
 
@@ -97,6 +106,9 @@ class StepSpec(StrictModel):
     """Run this step once per combination of parameter values."""
     description: str = ""
     """Shown in the plan and the report."""
+    tolerance: ToleranceSpec | None = None
+    """For `runner rerun`: how close this step's numbers must come to the recorded ones
+    (`{rtol: 1e-4, atol: 1e-6}`); `--rtol` / `--atol` override it."""
 
 
 class ExpectationSpec(StrictModel):

@@ -65,6 +65,22 @@ def test_rerun_names_each_number_that_did_not_reproduce(recorded, run_cli):
     assert code == 0, out  # 0.5 in 18.5 and 0.001 in 8 are within 5%
 
 
+def test_a_step_tolerance_in_the_spec_applies_and_the_command_line_overrides_it(recorded, run_cli):
+    stored = recorded / "results" / "toy[value=2.0].json"
+    result = json.loads(stored.read_text())
+    result["squares"][3] = 18.5  # recorded 18.0
+    stored.write_text(json.dumps(result))
+    spec = recorded / "spec.yaml"
+    spec.write_text(
+        spec.read_text().replace("    params: {n: 4}\n", "    params: {n: 4}\n    tolerance: {rtol: 0.05}\n")
+    )
+    assert "tolerance: {rtol: 0.05}" in spec.read_text()
+    code, out, _ = run_cli("rerun", recorded)
+    assert code == 0, out  # 0.5 in 18.5 is within the step's 5%
+    code, out, _ = run_cli("rerun", recorded, "--rtol", "0.001")
+    assert code == 1 and "toy[value=2.0] NOT REPRODUCED" in out
+
+
 def test_diff_lists_spec_changes_and_numeric_differences_and_writes_html(
     recorded, write_spec, run_cli, tmp_path
 ):
