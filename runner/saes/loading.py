@@ -25,6 +25,7 @@ from runner.errors import ResourceError
 from runner.hooks import SITE_HOOKS, equivalent_hooks, hook_name, parse_hook, require_layers
 from runner.registry import close_matches
 from runner.saes import SAESource, TrainedSAE, known_releases, shipped_sae_dir
+from runner.saes.dictionary_learning import dictionary_learning_sae, is_dictionary_learning_dir
 
 if TYPE_CHECKING:
     from sae_lens import SAE
@@ -35,6 +36,10 @@ __all__ = ["LoadedSAE", "load_saes"]
 
 SAE_WEIGHTS_FILE = "sae_weights.safetensors"
 SAE_CFG_FILE = "cfg.json"
+SAE_FILES = (SAE_CFG_FILE, SAE_WEIGHTS_FILE)
+"""A SAELens directory (``sae.save_model(dir)``)."""
+DICTIONARY_LEARNING_FILES = ("config.json", "ae.pt")
+"""A dictionary_learning checkpoint (``runner/saes/dictionary_learning.py``)."""
 OFFLINE_ALTERNATIVES = (
     "Use an SAE that loads offline instead:\n"
     "  sae: {name: smollm2-135m/blocks.12.hook_resid_post}  # shipped with runner, for smollm2-135m\n"
@@ -387,12 +392,18 @@ def _from_path(
     for layer in chosen:
         text = template.replace("{layer}", str(layer))
         directory = _shipped_dir(text, where) if shipped else _resolve_dir(ctx, text, where)
-        key = ("sae", "path", str(directory), _mtime(directory), ctx.device, _dtype_name(ctx))
-        sae = ctx.cached(key, functools.partial(_load_directory, ctx, directory, where))
+        files = DICTIONARY_LEARNING_FILES if is_dictionary_learning_dir(directory) else SAE_FILES
+        key = ("sae", "path", str(directory), _mtime(directory, files), ctx.device, _dtype_name(ctx))
+        load = _load_dictionary_learning if files == DICTIONARY_LEARNING_FILES else _load_directory
+        sae = ctx.cached(key, functools.partial(load, ctx, directory, where))
         info: dict[str, Any] = {"name": text} if shipped else {}
         info["path"] = str(directory)
-        info["sha256"] = ctx.cached(("sae sha256", *key), functools.partial(_hashes, directory))
+        info["sha256"] = ctx.cached(("sae sha256", *key), functools.partial(_hashes, directory, files))
+        if files == DICTIONARY_LEARNING_FILES:
+            info["format"] = "dictionary_learning"
         origin = f"shipped SAE {text}" if shipped else f"directory {text}"
+        if files == DICTIONARY_LEARNING_FILES:
+            origin = f"dictionary_learning checkpoint {directory / 'ae.pt'}"
         out.append(_loaded(sae, layer, site, origin, info, where))
     return out
 
@@ -404,18 +415,17 @@ def _shipped_dir(name: str, where: str) -> Path:
         raise ResourceError(f"{where}: {exc}") from None
 
 
-def _hashes(directory: Path) -> dict[str, str]:
+def _hashes(directory: Path, files: tuple[str, ...] = SAE_FILES) -> dict[str, str]:
     """sha256 of the SAE's config and weights: what the manifest pins."""
-    return {
-        name: hashlib.sha256((directory / name).read_bytes()).hexdigest()
-        for name in (SAE_CFG_FILE, SAE_WEIGHTS_FILE)
-    }
+    return {name: hashlib.sha256((directory / name).read_bytes()).hexdigest() for name in files}
 
 
 def _resolve_dir(ctx: StepContext, text: str, where: str) -> Path:
     path = Path(text).expanduser()
     base = ctx.spec_dir
     directory = path if path.is_absolute() else (base / path)
+    if directory.is_dir() and is_dictionary_learning_dir(directory):
+        return directory.resolve()
     if not directory.is_dir():
         raise ResourceError(
             f"{where}: no SAE directory at {directory} (`sae.path: {text}`, relative to {base}).\n"
@@ -431,8 +441,17 @@ def _resolve_dir(ctx: StepContext, text: str, where: str) -> Path:
     return directory.resolve()
 
 
-def _mtime(directory: Path) -> float:
-    return max((directory / name).stat().st_mtime for name in (SAE_CFG_FILE, SAE_WEIGHTS_FILE))
+def _mtime(directory: Path, files: tuple[str, ...] = SAE_FILES) -> float:
+    return max((directory / name).stat().st_mtime for name in files)
+
+
+def _load_dictionary_learning(ctx: StepContext, directory: Path, where: str) -> SAE[Any]:
+    """A dictionary_learning checkpoint (``ae.pt`` + ``config.json``) as the SAELens SAE of the same
+    computation (``runner/saes/dictionary_learning.py``); its errors name the file."""
+    try:
+        return dictionary_learning_sae(directory, ctx.device, _dtype_name(ctx))
+    except ResourceError as exc:
+        raise ResourceError(f"{where}: {exc}") from None
 
 
 def _load_directory(ctx: StepContext, directory: Path, where: str) -> SAE[Any]:
