@@ -66,6 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument(
                 "--no-cache", action="store_true", help="neither read nor write the result cache"
             )
+            cmd.add_argument(
+                "--executor",
+                choices=["local", "ray"],
+                default="local",
+                help="run cases in this process (local, the default) or on Ray workers",
+            )
+            cmd.add_argument(
+                "--address",
+                metavar="ADDR",
+                help="with --executor ray: the cluster to join (auto, ray://host:10001); "
+                "default a local Ray instance",
+            )
         cmd.add_argument(
             "--cache-dir",
             type=Path,
@@ -228,6 +240,14 @@ def _run(args: argparse.Namespace, out: Console) -> int:
         return _plan(args, out)
     if args.last_failed:
         plan = _last_failed(plan, args, out)
+    if args.address and args.executor != "ray":
+        from runner.errors import RunnerError
+
+        raise RunnerError("--address names a Ray cluster: use it with --executor ray.")
+    if args.executor == "ray":
+        from runner.ray_executor import import_ray
+
+        import_ray()  # not installed: say so before a run folder is made
     if not plan.cases:
         out.print(f"no cases selected ({len(plan.deselected)} deselected by -k {args.keyword!r})")
         return NO_CASES_EXIT_CODE

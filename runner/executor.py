@@ -30,7 +30,7 @@ from runner.step import FinishedCase, StepContext, StepOutput
 if TYPE_CHECKING:
     from runner.resources import Resources  # imports torch: only a case that computes needs it
 
-__all__ = ["Caching", "CaseResult", "CheckResult", "RunResult", "run_plan"]
+__all__ = ["Caching", "CaseResult", "CheckResult", "Executor", "LocalExecutor", "RunResult", "run_plan"]
 
 Status = Literal["passed", "failed", "error", "not run"]
 
@@ -107,7 +107,7 @@ class RunResult:
     @property
     def exit_code(self) -> int:
         """pytest's codes: 0 all passed, 1 failures or errors, 2 interrupted, aborted or a case stopped by
-    bad input, 5 nothing ran."""
+        bad input, 5 nothing ran."""
         if self.interrupted or self.aborted or any(r.bad_input for r in self.results):
             return 2
         if not self.results:
@@ -162,6 +162,45 @@ class Reporter(Protocol):
     def message(self, text: str) -> None: ...
     def case_finished(self, result: CaseResult) -> None: ...
     def progress(self, items: Iterable[Any], total: int | None, description: str) -> Iterator[Any]: ...
+
+
+class Executor(Protocol):
+    """Runs a plan's cases into a run folder: :class:`LocalExecutor` here, or
+    :class:`runner.ray_executor.RayExecutor` on Ray workers. Both fill the same folder, manifest and cache."""
+
+    def run(
+        self,
+        plan: Plan,
+        folder: RunFolder,
+        resources: Resources,
+        reporter: Reporter,
+        *,
+        exitfirst: bool = False,
+        on_case_done: Any = None,
+        caching: Caching | None = None,
+    ) -> RunResult:
+        """Run every case of ``plan``; ``on_case_done(run_result)`` after each."""
+        ...
+
+
+class LocalExecutor:
+    """Every case in this process, one after the other in plan order (the default)."""
+
+    def run(
+        self,
+        plan: Plan,
+        folder: RunFolder,
+        resources: Resources,
+        reporter: Reporter,
+        *,
+        exitfirst: bool = False,
+        on_case_done: Any = None,
+        caching: Caching | None = None,
+    ) -> RunResult:
+        """See :func:`run_plan`."""
+        return run_plan(
+            plan, folder, resources, reporter, exitfirst=exitfirst, on_case_done=on_case_done, caching=caching
+        )
 
 
 def seed_everything(seed: int) -> None:

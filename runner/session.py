@@ -18,7 +18,7 @@ from rich.console import Console
 from runner.artifacts import RunFolder, create_run_folder
 from runner.cache import FileHashes, KeyMaker, ResultCache, default_results_dir
 from runner.console import ConsoleReporter
-from runner.executor import Caching, RunResult, run_plan
+from runner.executor import Caching, Executor, LocalExecutor, RunResult
 from runner.manifest import build_manifest, environment
 from runner.planner import Plan
 from runner.reports import render_reports
@@ -102,7 +102,7 @@ def _run(
     write_manifest(None, finished=False)
     reporter.header(plan, str(folder.root))
     with reporter.running(len(plan.cases)), _sigterm_as_interrupt():
-        run = run_plan(
+        run = _executor(args, base_dir).run(
             plan,
             folder,
             resources,
@@ -116,6 +116,15 @@ def _run(
     reports = _write_reports(folder, manifest, spec_text, reporter)
     reporter.finish(run, plan, str(folder.root), [str(p) for p in reports], fulltrace=args.fulltrace)
     return run.exit_code
+
+
+def _executor(args: argparse.Namespace, base_dir: Path) -> Executor:
+    """``--executor local`` (the default: this process) or ``ray`` (workers of a Ray cluster)."""
+    if getattr(args, "executor", "local") != "ray":
+        return LocalExecutor()
+    from runner.ray_executor import RayExecutor
+
+    return RayExecutor(getattr(args, "address", None), base_dir=base_dir, device_override=args.device)
 
 
 class _LazyResources:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, model_validator
 
 __all__ = [
     "DatasetSpec",
@@ -16,6 +16,7 @@ __all__ = [
     "ExperimentSpec",
     "ModelSpec",
     "OutputSpec",
+    "ResourcesSpec",
     "StepSpec",
     "SweepSpec",
 ]
@@ -93,6 +94,18 @@ class ToleranceSpec(StrictModel):
     """Absolute tolerance; default: the analysis' own."""
 
 
+class ResourcesSpec(StrictModel):
+    """What one case of a step needs on a Ray worker (``--executor ray``); the local executor ignores it."""
+
+    num_cpus: float | None = Field(default=None, ge=0)
+    """CPU cores per case (fractions allowed); default 1."""
+    num_gpus: float | None = Field(default=None, ge=0)
+    """GPUs per case (fractions allowed: `0.5` puts two cases on a GPU); default 1 when the cluster has
+    GPUs and the model's device is not `cpu`, else 0."""
+    memory: ByteSize | None = None
+    """Memory Ray reserves per case: bytes or a size such as `4GB` or `512MiB`; default none reserved."""
+
+
 class StepSpec(StrictModel):
     """One registered analysis with its parameters."""
 
@@ -109,6 +122,9 @@ class StepSpec(StrictModel):
     tolerance: ToleranceSpec | None = None
     """For `runner rerun`: how close this step's numbers must come to the recorded ones
     (`{rtol: 1e-4, atol: 1e-6}`); `--rtol` / `--atol` override it."""
+    resources: ResourcesSpec | None = None
+    """For `--executor ray`: what each case of this step reserves on a worker
+    (`{num_cpus: 1, num_gpus: 0.5, memory: 4GB}`)."""
 
 
 class ExpectationSpec(StrictModel):
