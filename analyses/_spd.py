@@ -208,6 +208,14 @@ class SpdTraining:
     stochastic_recon_layerwise_coeff: float = 1.0
     importance_minimality_coeff: float = 1e-5
     pnorm: float = 2.0
+    p_anneal_start_frac: float = 1.0
+    """Fraction of training after which p moves linearly towards ``p_anneal_final_p`` (1: never)."""
+    p_anneal_final_p: float | None = None
+    """The p reached at ``p_anneal_end_frac`` and kept after it (None: no annealing)."""
+    p_anneal_end_frac: float = 1.0
+    lr_schedule: str = "constant"
+    """``constant`` or ``cosine`` (half cosine from ``lr`` to 0), after ``lr_warmup_pct`` linear warm-up."""
+    lr_warmup_pct: float = 0.0
     faithfulness_coeff: float = 0.0
     use_delta_component: bool = True
     n_mask_samples: int = 1
@@ -227,10 +235,37 @@ class TrainingLog:
     warmup_faithfulness: float | None = None
 
 
+def annealed_p(settings: SpdTraining, frac: float) -> float:
+    """The importance-minimality p at fraction ``frac`` of training (the repository's linear annealing)."""
+    final, start, end = settings.p_anneal_final_p, settings.p_anneal_start_frac, settings.p_anneal_end_frac
+    if final is None or start >= 1.0 or frac < start:
+        return settings.pnorm
+    if frac >= end:
+        return final
+    return settings.pnorm + (final - settings.pnorm) * (frac - start) / (end - start)
+
+
+def lr_at(settings: SpdTraining, step: int) -> float:
+    """The learning rate at ``step``: linear warm-up over ``lr_warmup_pct``, then constant or half cosine."""
+    warmup = int(settings.lr_warmup_pct * settings.steps)
+    if step < warmup:
+        return settings.lr * (step + 1) / warmup
+    if settings.lr_schedule == "cosine":
+        frac = (step - warmup) / max(settings.steps - warmup - 1, 1)
+        return settings.lr * 0.5 * (1 + math.cos(math.pi * frac))
+    return settings.lr
+
+
 def losses(
-    model: Decomposition, x: Tensor, settings: SpdTraining, generator: torch.Generator
+    model: Decomposition,
+    x: Tensor,
+    settings: SpdTraining,
+    generator: torch.Generator,
+    frac_of_training: float = 1.0,
 ) -> dict[str, Tensor]:
     """Every loss term on the batch ``x`` (``(B, n_features)``), with fresh stochastic masks.
+
+    ``frac_of_training`` sets the annealed p of importance minimality (:func:`annealed_p`).
 
     Samples with no active feature (most of them at SPD's feature probability) all have the same
     inputs everywhere, so they are computed once, as one row weighted by their count. Without
@@ -264,8 +299,9 @@ def losses(
             out = target.forward_from(layer, inputs[_first_input(layer)], replace={name: replace[name]})
             layerwise = layerwise + mse(out) / len(ci)
     importance = torch.tensor(0.0)
+    p = annealed_p(settings, frac_of_training)
     for g in pre.values():
-        per_row = (upper_leaky(g) + IMPORTANCE_EPS) ** settings.pnorm  # (R, C)
+        per_row = (upper_leaky(g) + IMPORTANCE_EPS) ** p  # (R, C)
         importance = importance + (weights.unsqueeze(-1) * per_row).sum(0).div(n_samples).sum()
     return {
         "stochastic_recon": recon / settings.n_mask_samples,
@@ -331,8 +367,10 @@ def train_spd(
     steps = range(settings.steps)
     for step in progress(steps, settings.steps) if progress is not None else steps:
         x = sparse_features(settings.batch_size, n_features, probability, generator)  # (B, n_features)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(settings, step)
         optimizer.zero_grad()
-        terms = losses(model, x, settings, generator)
+        terms = losses(model, x, settings, generator, step / settings.steps)
         loss = total_loss(terms, settings)
         loss.backward()
         optimizer.step()

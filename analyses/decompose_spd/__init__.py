@@ -20,7 +20,9 @@ included) and carried by the result, for ``magnitude_sweep`` (``source: {from_st
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from analyses._toy_sources import CheckpointSource
 from runner.registry import analysis
@@ -39,21 +41,33 @@ class DecomposeSpdParams(BaseModel):
     """Components per decomposed weight (the repository: 100 for `mlp_in` and `mlp_out`)."""
     ci_hidden: tuple[int, ...] = Field(default=(16,), min_length=1)
     """Hidden widths of each component's causal-importance MLP (`gate_hidden_dims`: [16])."""
-    steps: int = Field(default=20_000, ge=1)
-    """Optimizer steps (the repository: 20000; the committed spec uses fewer on a smaller model)."""
+    steps: int = Field(default=30_000, ge=1)
+    """Optimizer steps (the repository's config: 30000; the committed spec uses fewer on a smaller model)."""
     batch_size: int = Field(default=2048, ge=1)
     """Samples per step, drawn fresh from the toy model's sparse feature distribution."""
     lr: float = Field(default=2e-3, gt=0)
-    """AdamW learning rate (constant, no weight decay)."""
+    """AdamW learning rate (no weight decay), scheduled by `lr_schedule`."""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """`constant` (the repository's config) or `cosine` (half cosine from `lr` to 0)."""
+    lr_warmup_pct: float = Field(default=0.0, ge=0, lt=1)
+    """Fraction of the steps with a linear learning-rate warm-up from 0."""
     stochastic_recon_coeff: float = Field(default=1.0, ge=0)
     """Weight of the stochastic reconstruction loss (every weight masked at once)."""
     stochastic_recon_layerwise_coeff: float = Field(default=1.0, ge=0)
     """Weight of the layerwise stochastic reconstruction loss (one weight masked at a time)."""
-    importance_minimality_coeff: float = Field(default=1e-5, ge=0)
-    """Weight of importance minimality `sum_c mean ci^p`. It balances an MSE averaged over the
-    `n_features` outputs, so scale it by 100 / n_features for other sizes."""
+    importance_minimality_coeff: float = Field(default=1e-3, ge=0)
+    """Weight of importance minimality `sum_c mean ci^p` (the repository's `resid_mlp1_config.yaml`:
+    1e-3 at p = 2 for 100 features). It balances an MSE averaged over the `n_features` outputs while
+    the penalty grows with the number of active features, so scale it by 100 / n_features for other
+    sizes."""
     pnorm: float = Field(default=2.0, gt=0)
-    """The p of importance minimality."""
+    """The p of importance minimality (at the start of training when annealed)."""
+    p_anneal_start_frac: float = Field(default=1.0, ge=0, le=1)
+    """Fraction of training after which p moves linearly to `p_anneal_final_p` (1: no annealing)."""
+    p_anneal_final_p: float | None = Field(default=None, gt=0)
+    """The p reached at `p_anneal_end_frac` and kept after it (None: no annealing)."""
+    p_anneal_end_frac: float = Field(default=1.0, ge=0, le=1)
+    """Fraction of training at which p reaches `p_anneal_final_p`."""
     faithfulness_coeff: float = Field(default=0.0, ge=0)
     """Weight of the faithfulness loss during training (the repository's config: none; the warm-up
     and the masked weight delta keep the components faithful)."""
@@ -72,6 +86,15 @@ class DecomposeSpdParams(BaseModel):
     """A component is active for a feature when its CI for the one-hot input exceeds this."""
     eval_batches: int = Field(default=10, ge=1)
     """Fresh batches for the reported losses."""
+
+    @model_validator(mode="after")
+    def _anneal_order(self) -> DecomposeSpdParams:
+        if self.p_anneal_final_p is not None and self.p_anneal_end_frac < self.p_anneal_start_frac:
+            raise ValueError(
+                f"p_anneal_end_frac ({self.p_anneal_end_frac}) must be >= p_anneal_start_frac "
+                f"({self.p_anneal_start_frac})"
+            )
+        return self
 
 
 class DecomposeSpdResult(StepResult):

@@ -13,8 +13,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 
-from analyses._spd import SpdTraining, faithfulness, load_spd_checkpoint, spd_from_arrays
+from analyses._spd import (
+    IMPORTANCE_EPS,
+    Decomposition,
+    SpdConfig,
+    SpdTraining,
+    annealed_p,
+    faithfulness,
+    load_spd_checkpoint,
+    losses,
+    lr_at,
+    spd_from_arrays,
+)
 from analyses._toy_model import ResidMLP, ToyConfig, toy_tensors
 from analyses.decompose_spd import DecomposeSpdParams, DecomposeSpdResult, decompose_spd
 from analyses.decompose_spd.compute import settings_of
@@ -123,6 +135,67 @@ def test_params_carry_every_training_setting() -> None:
         pnorm=1.0,
         faithfulness_warmup_steps=100,
     )
+
+
+def test_params_carry_the_schedules() -> None:
+    params = DecomposeSpdParams(
+        lr_schedule="cosine",
+        lr_warmup_pct=0.1,
+        p_anneal_start_frac=0.2,
+        p_anneal_final_p=1.0,
+        p_anneal_end_frac=0.8,
+    )
+    settings = settings_of(params)
+    assert (settings.lr_schedule, settings.lr_warmup_pct) == ("cosine", 0.1)
+    assert (settings.p_anneal_start_frac, settings.p_anneal_final_p, settings.p_anneal_end_frac) == (
+        0.2,
+        1.0,
+        0.8,
+    )
+    with pytest.raises(ValidationError, match="p_anneal_end_frac"):
+        DecomposeSpdParams(p_anneal_start_frac=0.8, p_anneal_final_p=1.0, p_anneal_end_frac=0.5)
+
+
+def test_p_anneals_linearly_between_its_fractions() -> None:
+    settings = SpdTraining(pnorm=2.0, p_anneal_start_frac=0.25, p_anneal_final_p=0.5, p_anneal_end_frac=0.75)
+    # Hand values of the repository's _get_linear_annealed_p: flat, linear from 2 to 0.5, flat.
+    assert [annealed_p(settings, f) for f in (0.0, 0.25, 0.5, 0.75, 1.0)] == pytest.approx(
+        [2.0, 2.0, 1.25, 0.5, 0.5], abs=1e-12
+    )
+    assert annealed_p(SpdTraining(pnorm=2.0), 0.9) == 2.0  # no final p: no annealing
+
+
+def test_learning_rate_warms_up_then_follows_a_half_cosine() -> None:
+    settings = SpdTraining(steps=110, lr=1e-2, lr_schedule="cosine", lr_warmup_pct=10 / 110)
+    assert lr_at(settings, 0) == pytest.approx(1e-3)
+    assert lr_at(settings, 9) == pytest.approx(1e-2)
+    assert lr_at(settings, 10) == pytest.approx(1e-2)  # cosine starts at the full rate
+    assert lr_at(settings, 10 + 99 // 2) == pytest.approx(1e-2 * 0.5 * (1 + np.cos(np.pi * 49 / 99)))
+    assert lr_at(settings, 109) == pytest.approx(0.0, abs=1e-12)
+    assert lr_at(SpdTraining(lr=3e-3), 500) == 3e-3  # constant
+
+
+def test_importance_minimality_uses_the_p_of_that_point_in_training() -> None:
+    model = planted_model()
+    decomposition = Decomposition(
+        model,
+        SpdConfig(model.config, ("layers.0.mlp_in", "layers.0.mlp_out"), C=3),
+        torch.Generator().manual_seed(0),
+    )
+    x = torch.tensor([[0.5, 0.0, -0.3, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.9, 0.0, 0.0]])
+    settings = SpdTraining(pnorm=2.0, p_anneal_start_frac=0.0, p_anneal_final_p=1.0, p_anneal_end_frac=0.5)
+    inputs = {"layers.0.mlp_in": x @ model.W_E}
+    inputs["layers.0.mlp_out"] = torch.relu(inputs["layers.0.mlp_in"] @ model.layers[0].mlp_in.weight.T)
+    with torch.no_grad():
+        for frac, p in ((0.0, 2.0), (0.25, 1.5), (0.9, 1.0)):
+            expected = 0.0
+            for name, h in inputs.items():  # the upper leaky-hard sigmoid written out
+                g = decomposition.pre_sigmoid(name, h)
+                upper = torch.where(g > 1, 1 + 0.01 * (g - 1), g.clamp(0, 1))
+                expected += float(((upper + IMPORTANCE_EPS) ** p).mean(0).sum())
+            got = losses(decomposition, x, settings, torch.Generator().manual_seed(1), frac)
+            # float32 sums in another order (empty rows deduplicated): relative 1e-5
+            assert float(got["importance_minimality"]) == pytest.approx(expected, rel=1e-5)
 
 
 def test_report_partial_states_the_recovery(

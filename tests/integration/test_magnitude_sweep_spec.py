@@ -85,8 +85,7 @@ def test_missing_checkpoint_is_reported_without_a_traceback(write_spec, run_cli,
         """
     )
     code, out, err = run_cli("run", spec)
-    # The case errors with the located message and no traceback. (The engine exits 1 for an error
-    # raised inside a case; exit 2 for it needs the executor change described in the issue notes.)
-    assert code == 1
+    # The case errors with the located message and no traceback; a bad input exits 2.
+    assert code == 2
     assert f"magnitude_sweep case sweep: `source.path` {tmp_path / 'runs/none'} does not exist" in out + err
     assert "Traceback" not in out + err
