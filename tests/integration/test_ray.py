@@ -210,3 +210,11 @@ def test_a_bad_resources_block_is_a_located_spec_error(write_spec, run_cli):
     assert code == 2
     assert f"{spec}:6:17: steps[0].resources.num_gpus:" in out
     assert f"{spec}:7:15: steps[0].resources.memory:" in out
+
+
+def test_address_without_the_ray_executor_is_a_usage_error(write_spec, run_cli, tmp_path):
+    spec = write_spec("name: plain\nsteps:\n  - id: toy\n    analysis: toy\n")
+    code, out, err = run_cli("run", spec, "--address", "auto")
+    assert code == 2
+    assert "--address names a Ray cluster: use it with --executor ray." in err
+    assert not (tmp_path / "runs").exists()  # refused before a run folder was made
