@@ -336,7 +336,7 @@ def test_schema_types_params_per_analysis(run_cli):
     assert "toy" in step["properties"]["analysis"]["enum"]
     toy_branch = next(b for b in step["allOf"] if b["if"]["properties"]["analysis"]["const"] == "toy")
     ref = toy_branch["then"]["properties"]["params"]["$ref"].split("/")[-1]
-    assert set(schema["$defs"][ref]["properties"]) == {"value", "n", "fail", "interrupt", "sleep"}
+    assert set(schema["$defs"][ref]["properties"]) == {"value", "n", "fail", "missing", "interrupt", "sleep"}
     assert schema["$defs"][ref]["additionalProperties"] is False
 
 
