@@ -207,7 +207,17 @@ def run_quickstart(threads: int | None) -> dict[str, Any]:
     code = "import sys; from runner.cli import main; sys.exit(main(sys.argv[1:]))"
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     with tempfile.TemporaryDirectory(prefix="importance-quickstart-") as folder:
-        command = [sys.executable, "-c", code, "run", str(QUICKSTART), "--output-dir", folder, "-q"]
+        command = [
+            sys.executable,
+            "-c",
+            code,
+            "run",
+            str(QUICKSTART),
+            "--output-dir",
+            folder,
+            "-q",
+            "--no-cache",
+        ]
         started = time.perf_counter()
         done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
         seconds = time.perf_counter() - started
