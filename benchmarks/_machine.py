@@ -18,14 +18,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    """The CPU's model name, as the run manifest records it (``runner.manifest.cpu_model``)."""
+    from runner.manifest import cpu_model as recorded
+
+    return recorded() or platform.machine()
 
 
 def matmul_rate(d_model: int = 576, d_mlp: int = 1536, repeats: int = 5) -> float:

@@ -82,14 +82,15 @@ def environment(spec_dir: Path) -> dict[str, Any]:
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "machine": platform.machine(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "runner": __version__,
         "packages": {p: _version(p) for p in PINNED_PACKAGES},
         "git": git_state(spec_dir),
     }
 
 
-def _cpu_model() -> str | None:
+def cpu_model() -> str | None:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows, else ``None``."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from analyses._features import FeatureAccumulator, FeatureTable, LogitEffects, logit_effects
+from analyses._features_csv import read_features_csv
 from analyses._features_saes import load_feature_saes
 from analyses._sae_tensors import capture, stop_layer
 from analyses.feature_analysis import FeatureAnalysisParams
@@ -23,7 +23,7 @@ from runner.errors import ResourceError
 from runner.saes.loading import LoadedSAE
 from runner.step import StepContext, StepOutput
 
-__all__ = ["Analysed", "accumulate", "eligible_mask", "read_labels", "run"]
+__all__ = ["Analysed", "accumulate", "eligible_mask", "run"]
 
 
 @dataclass
@@ -48,7 +48,7 @@ def run(ctx: StepContext, params: FeatureAnalysisParams) -> StepOutput:
     saes = load_feature_saes(ctx, params.sae, layers=params.layers, site=params.hook, where=where)
     if len(ctx.dataset) == 0:
         raise ResourceError(f"{where}: the dataset has no passages.\nRaise `dataset.max_passages`.")
-    labels = read_labels(ctx, params.features_csv, where)
+    labels = read_features_csv(ctx, params.features_csv, where)
     work = [_analysed(ctx, params, loaded, labels.get(loaded.layer, {}), where) for loaded in saes]
     timing = accumulate(ctx, work, params.batch_size, params.exclude_special_tokens)
     for item in work:
@@ -81,34 +81,6 @@ def _analysed(
         ids, params.max_examples, params.buffer, params.interval_samples, seed=ctx.seed
     )
     return Analysed(loaded, ids, labels, accumulator)
-
-
-def read_labels(ctx: StepContext, csv: str | None, where: str) -> dict[int, dict[int, str]]:
-    """Layer → feature → label from a ``layer,feature,label`` CSV (relative to the spec), ``{}`` without."""
-    if csv is None:
-        return {}
-    import pandas as pd
-
-    path = Path(csv) if Path(csv).is_absolute() else ctx.spec_dir / csv
-    try:
-        table = pd.read_csv(path)
-    except (OSError, ValueError) as exc:
-        raise ResourceError(
-            f"{where}: cannot read the features CSV {path} (`features_csv: {csv}`): {exc}\n"
-            "Write it with the header `layer,feature,label` and one row per feature."
-        ) from None
-    missing = [c for c in ("layer", "feature") if c not in table.columns]
-    if missing:
-        raise ResourceError(
-            f"{where}: {path} has no column {' or '.join(missing)} "
-            f"(columns: {', '.join(map(str, table.columns))}).\n"
-            "Use the header `layer,feature,label`."
-        )
-    out: dict[int, dict[int, str]] = {}
-    labels = table["label"] if "label" in table.columns else [""] * len(table)
-    for layer, feature, label in zip(table["layer"], table["feature"], labels, strict=True):
-        out.setdefault(int(layer), {})[int(feature)] = label if isinstance(label, str) else ""
-    return out
 
 
 def eligible_mask(tokens: torch.Tensor, special: torch.Tensor | None) -> torch.Tensor:

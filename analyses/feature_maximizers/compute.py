@@ -18,10 +18,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from analyses._features_csv import read_features_csv
 from analyses._features_saes import load_feature_saes
 from analyses._lean_forward import LeanForward, checked_lean_forward
 from analyses._sae_tensors import PADDING, capture, logits_from_resid, stop_layer
-from analyses.feature_analysis.compute import eligible_mask, read_labels
+from analyses.feature_analysis.compute import eligible_mask
 from analyses.feature_maximizers import FeatureMaximizersParams, Maximizer, Method
 from runner.errors import ResourceError
 from runner.saes.loading import LoadedSAE
@@ -130,7 +131,7 @@ def run(ctx: StepContext, params: FeatureMaximizersParams) -> StepOutput:
     started = time.perf_counter()
     where = f"feature_maximizers case {ctx.case_id}"
     loaded = _one_sae(ctx, params, where)
-    labels = read_labels(ctx, params.features_csv, where).get(loaded.layer, {})
+    labels = read_features_csv(ctx, params.features_csv, where).get(loaded.layer, {})
     features = _features(params, labels, loaded, where)
     timing: dict[str, float] = {}
     start = time.perf_counter()

@@ -7,11 +7,9 @@ pass per batch, up to the last SAE's layer).
 
 from __future__ import annotations
 
-import math
-from pathlib import Path
-
 import numpy as np
 
+from analyses._features_csv import read_features_csv
 from analyses._lean_forward import checked_lean_forward
 from analyses._sae_tensors import FeatureStats, Unembedding, eligible_positions, feature_stats
 from analyses.sae_interventions import SaeInterventionsParams
@@ -92,43 +90,21 @@ def _explicit(params: SaeInterventionsParams, saes: list[LoadedSAE], where: str)
 def _from_csv(
     ctx: StepContext, params: SaeInterventionsParams, saes: list[LoadedSAE], where: str
 ) -> tuple[list[list[int]], list[list[str]]]:
-    import pandas as pd
-
-    text = str(params.features_csv)
-    path = Path(text) if Path(text).is_absolute() else ctx.spec_dir / text
-    if not path.is_file():
-        raise ResourceError(
-            f"{where}: the features CSV {path} does not exist (`features_csv: {text}`, from the spec).\n"
-            "Write it with a header `layer,feature,label` and one row per feature, e.g. from Neuronpedia "
-            "(https://www.neuronpedia.org/gpt2-small/res-jb), or use `feature_source: live`."
-        )
-    try:
-        table = pd.read_csv(path)
-    except (ValueError, OSError) as exc:
-        raise ResourceError(
-            f"{where}: cannot read {path} as CSV ({exc}).\nUse columns layer,feature,label."
-        ) from None
-    missing = [c for c in ("layer", "feature") if c not in table.columns]
-    if missing:
-        raise ResourceError(
-            f"{where}: {path} has no column {' or '.join(missing)} "
-            f"(columns: {', '.join(map(str, table.columns))}).\n"
-            "Use the header `layer,feature,label`."
-        )
+    path = str(params.features_csv)
+    table = read_features_csv(ctx, path, where)
     features, labels = [], []
     for loaded in saes:
-        rows = table[table["layer"] == loaded.layer]
-        if rows.empty:
+        rows = table.get(loaded.layer, {})
+        if not rows:
             raise ResourceError(
                 f"{where}: {path} lists no feature for layer {loaded.layer} "
-                f"(it lists layers {sorted(set(table['layer'].tolist()))}).\n"
+                f"(it lists layers {sorted(table)}).\n"
                 f"Add rows for layer {loaded.layer}, or drop it from `layers`."
             )
-        chosen = [int(f) for f in rows["feature"]]
-        _check_range(chosen, loaded, where, str(path))
+        chosen = list(rows)
+        _check_range(chosen, loaded, where, path)
         features.append(chosen)
-        column = rows["label"] if "label" in table.columns else [""] * len(chosen)
-        labels.append(["" if isinstance(v, float) and math.isnan(v) else str(v) for v in column])
+        labels.append(list(rows.values()))
     return features, labels
 
 
