@@ -13,7 +13,7 @@ Layout of the cache folder (default ``~/.cache/runner/results``)::
 
     entries/<k[:2]>/<k>/entry.json   inputs, reads, notes, where it came from, files with sha256
     entries/<k[:2]>/<k>/files/...    result.json, result.npz, data/..., plots/...
-    locks/<k>.lock                   one lock per entry (flock), held while a run computes it
+    locks/<k>.lock                   one lock per entry (flock): shared to read, exclusive to write
     index/<h>.json                   the last key of each (spec name, case id), for "stale" reasons
     file-hashes.json                 sha256 of big files by path, size and mtime
     tmp/                             entries being written, renamed into place when complete
@@ -431,17 +431,23 @@ class ResultCache:
                 shutil.rmtree(trash, ignore_errors=True)
 
     @contextlib.contextmanager
-    def lock(self, base: str, on_wait: Any = None) -> Iterator[None]:
-        """Hold the entry's lock (``flock``; released by the OS if the process dies)."""
+    def lock(self, base: str, on_wait: Any = None, *, shared: bool = False) -> Iterator[None]:
+        """Hold the entry's lock (``flock``; released by the OS if the process dies).
+
+        Exclusive (the default) while writing or removing the entry, which takes milliseconds;
+        ``shared`` while reading it, so readers never wait for each other, only for a write.
+        Nobody holds it while a case computes: two runs at once do not serialise.
+        """
         path = self.root / "locks" / f"{base}.lock"
         path.parent.mkdir(parents=True, exist_ok=True)
+        mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
         with open(path, "a+b") as handle:
             try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(handle, mode | fcntl.LOCK_NB)
             except BlockingIOError:
                 if on_wait is not None:
                     on_wait()
-                fcntl.flock(handle, fcntl.LOCK_EX)
+                fcntl.flock(handle, mode)
             try:
                 yield
             finally:

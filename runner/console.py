@@ -13,7 +13,15 @@ from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.text import Text
 
 from runner.executor import CaseResult, RunResult
 from runner.planner import Case, Plan
@@ -35,6 +43,7 @@ class ConsoleReporter:
         self.log = log
         self._progress: Progress | None = None
         self._cases_task: Any = None
+        self._workers: dict[str, Any] = {}
 
     def print(self, *objects: Any, **kwargs: Any) -> None:
         """Print to the console and to the log."""
@@ -78,7 +87,7 @@ class ConsoleReporter:
         if not self.live:
             yield
             return
-        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+        columns = [TextColumn("{task.description}"), BarColumn(), _Count(), TimeElapsedColumn()]
         with Progress(*columns, console=self.console, transient=True) as progress:
             self._progress = progress
             self._cases_task = progress.add_task("cases", total=total)
@@ -86,6 +95,7 @@ class ConsoleReporter:
                 yield
             finally:
                 self._progress = None
+                self._workers.clear()
 
     def status(self, message: str) -> AbstractContextManager[Any]:
         """A spinner (or a plain line) while a resource loads."""
@@ -102,6 +112,24 @@ class ConsoleReporter:
         """Name the running case on the cases bar."""
         if self._progress is not None:
             self._progress.update(self._cases_task, description=escape(case.id))
+
+    def worker_status(self, worker: str, doing: str | None) -> None:
+        """One line per Ray worker under the cases bar: what it runs (``idle``), and for how long.
+
+        ``doing`` None removes the worker's line (it stopped). Nothing is printed without a terminal.
+        """
+        if self._progress is None:
+            return
+        task = self._workers.get(worker)
+        if doing is None:
+            if task is not None:
+                self._progress.remove_task(self._workers.pop(worker))
+            return
+        description = f"  {escape(worker)}: {escape(doing)}"
+        if task is None:
+            self._workers[worker] = self._progress.add_task(description, total=None)
+        else:
+            self._progress.reset(task, description=description, total=None)
 
     def progress(self, items: Iterable[Any], total: int | None, description: str) -> Iterator[Any]:
         """Advance an inner bar (e.g. batches) while iterating."""
@@ -177,3 +205,10 @@ class ConsoleReporter:
 def _printing(console: Console, message: str) -> Iterator[None]:
     console.print(f"{message}…")
     yield
+
+
+class _Count(MofNCompleteColumn):
+    """``3/10`` for a bar with a total; nothing for a worker's line, which has none."""
+
+    def render(self, task: Task) -> Text:
+        return super().render(task) if task.total is not None else Text("")

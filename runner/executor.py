@@ -5,9 +5,10 @@ expectation fails its case. Ctrl-C stops the run after writing everything finish
 or dataset that cannot be loaded aborts the run (exit 2): no case can use it.
 
 With a :class:`Caching`, each case is first looked up in the result cache (:mod:`runner.cache`)
-under its key, holding the entry's lock: a stored case is copied into the run folder and its
-expectations evaluated again, without loading anything; a computed one is stored as soon as it
-finishes, so a run killed at any moment resumes from the last finished case.
+under its key, holding the entry's lock shared (exclusive only while an entry is written): a stored
+case is copied into the run folder and its expectations evaluated again, without loading anything;
+a computed one is stored as soon as it finishes, so a run killed at any moment resumes from the
+last finished case.
 """
 
 from __future__ import annotations
@@ -99,6 +100,8 @@ class RunResult:
     duration: float
     interrupted: bool = False
     aborted: str | None = None
+    workers: list[dict[str, Any]] = field(default_factory=list)
+    """The Ray executor's workers: process, host, CPU, torch settings and cases (empty for a local run)."""
 
     def count(self, status: Status) -> int:
         """Number of cases with ``status``."""
@@ -330,17 +333,22 @@ def _run_cached(
         upstream.set_key(case, result.cache["key"])
         return
     store = caching.store
-    with store.lock(base, on_wait=lambda: reporter.message(f"waiting for another run computing {case.id}")):
+    # The entry's lock is shared while reading it and exclusive only while writing it: two runs at
+    # once never wait for each other's computing (each computes what is not stored yet).
+    with store.lock(base, shared=True):
         entry = _usable_entry(store, base, caching.force, upstream, result)
         cache_notes = list(result.notes)  # notes about the cache itself are not stored with the result
-        if entry is not None and _restore(result, entry, folder, upstream, reporter):
+        restored = entry is not None and _restore(result, entry, folder, upstream, reporter)
+        if restored:
             store.touch(entry)
-        else:
-            _run_case(result, folder, resources, reporter, upstream, run_cache)
-            reads = dict(upstream.reads)
-            result.cache["key"] = cache_key(base, reads)
-            upstream.set_key(case, result.cache["key"])
-            if result.status in ("passed", "failed"):
+    if not restored:
+        _run_case(result, folder, resources, reporter, upstream, run_cache)
+        reads = dict(upstream.reads)
+        result.cache["key"] = cache_key(base, reads)
+        upstream.set_key(case, result.cache["key"])
+        if result.status in ("passed", "failed"):
+            waiting = f"waiting for another run storing {case.id}"
+            with store.lock(base, on_wait=lambda: reporter.message(waiting)):
                 _store(result, store, base, inputs, reads, folder, caching, cache_notes)
     store.remember(caching.spec_name, case.id, base, result.cache["key"], inputs)
 

@@ -1,7 +1,8 @@
 """``manifest.json``: everything needed to reproduce a run and to know how it went.
 
 Provenance: the exact command line and folder it ran in, the git commit with the dirty flag and a
-hash of the diff, package versions, torch's determinism settings, and per case its cache key with
+hash of the diff, package versions, torch's determinism settings (the driver's, and under Ray each
+worker's with its host and CPU), and per case its cache key with
 the inputs it hashes (model weights sha256, dataset source fingerprint, SAE file hashes, params,
 seed). ``MANIFEST_VERSION`` is bumped when the layout changes; readers refuse newer ones.
 """
@@ -157,7 +158,7 @@ def build_manifest(
         "device": ", ".join(sorted(devices)) or "none (no case uses a model)",
         "dtype": plan.spec.model.dtype,
         "seeds": sorted({c.seed for c in plan.cases}),
-        "environment": {**env, "torch": torch_state()},
+        "environment": {**env, "torch": torch_state(), **_workers(run)},
         "cache": cache or {"enabled": False},
         "provenance": provenance(run),
         "resources": resources,
@@ -167,6 +168,11 @@ def build_manifest(
         "aborted": run.aborted if run else None,
         "cases": cases,
     }
+
+
+def _workers(run: RunResult | None) -> dict[str, Any]:
+    """``workers``: each Ray worker's pid, host, CPU, device and torch settings (a Ray run only)."""
+    return {"workers": run.workers} if run is not None and run.workers else {}
 
 
 def _model_inputs(result: Any) -> bool:

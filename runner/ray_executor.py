@@ -3,16 +3,23 @@
 The driver (this process) keeps everything a local run owns: the plan order, the cache lookups and
 stores, the run folder and the manifest. Cached cases are restored here and never sent. Workers are
 Ray actors that only compute: each holds one :class:`~runner.resources.Resources`, so it loads a model,
-dataset or SAE once and serves every case of that model sent to it (cases are grouped by model and by
-the step's ``resources:``, and a group's workers are kept for later steps of the same group).
+dataset or SAE once and serves every case of its group (cases are grouped by model and by the step's
+``resources:``). Groups run side by side as far as the cluster's CPUs, GPUs and memory allow; an idle
+worker is kept for later cases of its group until another group needs the room.
 
-A case travels as the :class:`~runner.planner.Case` itself; the earlier results it may read travel as
+A case is sent as soon as the earlier cases it reads have finished, not after their whole step: it
+reads a step (``ctx.outputs``, ``from_step``) as the cases of that step before it in plan order, as in
+a local run, so it waits for exactly those. Which steps a case reads is known from its params (a
+string naming a step, as ``from_step`` does) or from its cache entry; a case that reads a step found
+neither way stops on the worker at ``ctx.outputs`` and is sent again once that step is ready.
+
+A case travels as the :class:`~runner.planner.Case` itself; the earlier results it reads travel as
 their result files' bytes (the :mod:`runner.results` round trip), never as torch objects. Its files
-come back as bytes and are written at the paths a local run writes. Steps run one after the other:
-every case of a step has finished before a later step, which may read it, is sent.
+come back as bytes and are written at the paths a local run writes.
 
 A case that raises is an error, as in a local run. A worker process that dies mid-case is replaced
-and the case sent to the new worker, up to :data:`MAX_RETRIES` times.
+and the case sent to the new worker, up to :data:`MAX_RETRIES` times. Ctrl-C stops every worker
+(outstanding cases are not run) and keeps what finished.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import importlib
 import importlib.util
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -54,10 +62,13 @@ from runner.step import FinishedCase
 if TYPE_CHECKING:
     from runner.resources import Resources
 
-__all__ = ["MAX_RETRIES", "RayExecutor"]
+__all__ = ["MAX_RETRIES", "RayExecutor", "worker_options"]
 
 MAX_RETRIES = 2
 """How many times a case whose worker process died is sent again (a case that raises is not)."""
+
+WAIT_S = 0.5
+"""How long the driver waits for a worker before looking at Ctrl-C and the console again."""
 
 _COPIED = ("status", "duration", "summary", "checks", "data_files", "plot_files", "result_files")
 
@@ -82,28 +93,24 @@ class RayExecutor:
         on_case_done: Any = None,
         caching: Caching | None = None,
     ) -> RunResult:
-        """Run every case of ``plan`` step by step; ``on_case_done(run_result)`` after each."""
+        """Run every case of ``plan`` as soon as what it reads is ready; ``on_case_done(run)`` after each."""
         ray = import_ray()
         started_here = _connect(ray, self.address)
-        started = time.perf_counter()
         run = RunResult([CaseResult(case) for case in plan.cases], 0.0)
-        state = _RunState(run, folder, reporter, caching, _Upstream(plan.deselected, caching), on_case_done)
-        pool = _Pool(ray, _analysis_modules(plan), self.settings)
+        pool = _Pool(ray, _analysis_modules(plan), self.settings, reporter)
+        schedule = _Schedule(run, plan, folder, reporter, caching, on_case_done, pool)
         try:
-            for step in _steps(run.results):
-                _run_step(step, state, pool, plan, exitfirst)
-                if run.interrupted or run.aborted or (exitfirst and _any_failed(step)):
-                    break
+            schedule.run(exitfirst)
         except KeyboardInterrupt:
             run.interrupted = True
             for result in run.results:
                 if result.status == "not run":
                     result.error = "interrupted by the user (Ctrl-C)"
         finally:
-            pool.close()
+            run.workers = pool.close()
             if started_here:
                 ray.shutdown()
-        run.duration = time.perf_counter() - started
+        run.duration = time.perf_counter() - schedule.started
         return run
 
 
@@ -135,114 +142,228 @@ def _connect(ray: Any, address: str | None) -> bool:
     return True
 
 
-@dataclass
-class _RunState:
-    run: RunResult
-    folder: RunFolder
-    reporter: Reporter
-    caching: Caching | None
-    upstream: _Upstream
-    on_case_done: Any
-    started: float = field(default_factory=time.perf_counter)
-
-    def done(self) -> None:
-        self.run.duration = time.perf_counter() - self.started
-        if self.on_case_done is not None:
-            self.on_case_done(self.run)
+# --- the driver's schedule ---------------------------------------------------------------------------
 
 
-def _steps(results: list[CaseResult]) -> list[list[CaseResult]]:
-    """The results grouped by step, in plan order."""
-    steps: dict[str, list[CaseResult]] = {}
-    for result in results:
-        steps.setdefault(result.case.step.id, []).append(result)
-    return list(steps.values())
+_Blob = tuple[str, str, Any, str, bytes, bytes | None, str]
 
 
-def _any_failed(step: list[CaseResult]) -> bool:
-    return any(r.status in ("failed", "error") for r in step)
+class _Schedule:
+    """Which cases may go now: restores cached ones, sends the others, takes back what workers return."""
 
+    def __init__(
+        self,
+        run: RunResult,
+        plan: Plan,
+        folder: RunFolder,
+        reporter: Reporter,
+        caching: Caching | None,
+        on_case_done: Any,
+        pool: _Pool,
+    ) -> None:
+        self.run_result, self.folder, self.reporter, self.caching = run, folder, reporter, caching
+        self.on_case_done, self.pool = on_case_done, pool
+        self.started = time.perf_counter()
+        self.order = {r.case.id: i for i, r in enumerate(run.results)}
+        self.steps: dict[str, list[CaseResult]] = {}
+        for result in run.results:
+            self.steps.setdefault(result.case.step.id, []).append(result)
+        known = set(self.steps) | {c.step.id for c in plan.deselected}
+        self.reads = {r.case.id: _named_steps(r.case.params, known - {r.case.step.id}) for r in run.results}
+        self.waiting: list[CaseResult] = list(run.results)
+        self.done: set[str] = set()
+        self.finished: dict[str, tuple[FinishedCase[Any], str]] = {}
+        self.deselected = _Upstream(plan.deselected, caching)  # steps -k left out, read from the cache
+        self._bytes: dict[str, tuple[bytes, bytes | None]] = {}
+        self._sent: dict[Any, Any] = {}
 
-def _run_step(step: list[CaseResult], state: _RunState, pool: _Pool, plan: Plan, exitfirst: bool) -> None:
-    """Restore the step's cached cases, compute the others on workers, then publish them in plan order."""
-    pending: list[CaseResult] = []
-    computed: dict[str, FinishedCase[Any]] = {}
-    for result in step:
+    def run(self, exitfirst: bool) -> None:
+        """Until every case is done (or the run stops): send what is ready, take back what returns."""
+        while True:
+            stopping = self.run_result.aborted or (exitfirst and self._any_failed())
+            if stopping:
+                self.pool.drop_queued()  # what runs finishes and is kept; nothing more starts
+            else:
+                self._send_ready()
+            if not self.pool.busy:
+                if stopping or not self.waiting:
+                    return
+                raise RuntimeError(f"no case can start: {[r.case.id for r in self.waiting]}")  # a bug
+            for result, outcome in self.pool.wait(WAIT_S):
+                if outcome.not_ready is not None:  # it reads a step that is not ready: send it later
+                    self.reads[result.case.id].add(outcome.not_ready)
+                    self.waiting.insert(self._position(result), result)
+                else:
+                    self._finish(result, outcome)
+
+    def _any_failed(self) -> bool:
+        return any(r.status in ("failed", "error") for r in self.run_result.results)
+
+    def _position(self, result: CaseResult) -> int:
+        index = self.order[result.case.id]
+        return next(
+            (i for i, r in enumerate(self.waiting) if self.order[r.case.id] > index), len(self.waiting)
+        )
+
+    def _ready(self, result: CaseResult) -> bool:
+        """Whether every case before it of every step it reads is done."""
+        index = self.order[result.case.id]
+        return all(
+            other.case.id in self.done
+            for step_id in self.reads[result.case.id]
+            for other in self.steps.get(step_id, [])
+            if self.order[other.case.id] < index
+        )
+
+    def _send_ready(self) -> None:
+        """Restore or send every waiting case that is ready (restoring one may make others ready)."""
+        progress = True
+        while progress and not self.run_result.aborted:
+            progress = False
+            for result in list(self.waiting):
+                if not self._ready(result):
+                    continue
+                state = self._try_cache(result)
+                if state == "later":
+                    continue
+                self.waiting.remove(result)
+                progress = progress or state == "restored"
+                if state == "send":
+                    self.pool.submit(result, self._blobs(result))
+                if self.run_result.aborted:
+                    return
+
+    def _try_cache(self, result: CaseResult) -> str:
+        """``restored`` from the cache, ``send`` to a worker, or ``later`` (its entry reads unready steps)."""
+        caching, case = self.caching, result.case
+        if caching is None:
+            return "send"
         try:
-            cached = _restore_cached(result, state)
+            inputs = caching.keys.inputs(case)
         except ResourceError as exc:  # a model that cannot be found aborts the run, as locally
             result.status, result.error = "error", str(exc)
-            state.run.aborted = str(exc)
-            state.done()
-            return
-        if cached:
-            state.done()
+            self.run_result.aborted = str(exc)
+            self._done(result)
+            return "restored"
+        base = base_key(inputs)
+        result.cache = {"key": base, "base": base, "state": "not stored", "inputs": inputs}
+        store = caching.store
+        if store is None:
+            return "send"
+        peeked = None if caching.force else store.peek(base)
+        if peeked is not None and not set(peeked.reads) <= self.reads[case.id]:
+            self.reads[case.id] |= set(peeked.reads)  # its entry says what it reads
+            if not self._ready(result):
+                return "later"
+        view = self._view(result)
+        with store.lock(base, shared=True):
+            entry = _usable_entry(store, base, caching.force, view, result)
+            restored = entry is not None and _restore(result, entry, self.folder, view, self.reporter)
+            if restored:
+                store.touch(entry)
+        if not restored:
+            return "send"
+        store.remember(caching.spec_name, case.id, base, result.cache["key"], inputs)
+        self.finished[case.id] = (view.finished[case.step.id][-1], result.cache["key"])
+        self._done(result)
+        return "restored"
+
+    def _view(self, result: CaseResult) -> _Upstream:
+        """What ``result`` may read, as a local run gives it: each step it reads, up to the case."""
+        view = _Upstream()
+        index = self.order[result.case.id]
+        for step_id in sorted(self.reads[result.case.id]):
+            if step_id not in self.steps:
+                cases = self.deselected.provide(step_id)
+                for case, key in zip(cases, self.deselected.keys.get(step_id, []), strict=True):
+                    view.add(step_id, case, key)
+                continue
+            view.finished.setdefault(step_id, [])
+            for other in self.steps[step_id]:
+                if self.order[other.case.id] < index and other.case.id in self.finished:
+                    view.add(step_id, *self.finished[other.case.id])
+        return view
+
+    def _blobs(self, result: CaseResult) -> Any:
+        """The results the case reads as their files' bytes, by step, in Ray's object store (put once)."""
+        view = self._view(result)
+        signature = tuple((s, tuple(c.id for c in cases)) for s, cases in sorted(view.finished.items()))
+        if signature not in self._sent:
+            blobs: dict[str, list[_Blob]] = {}
+            for step_id, cases in view.finished.items():
+                blobs[step_id] = [
+                    (c.id, c.analysis, c.params, c.model_name, *self._result_bytes(c), key)
+                    for c, key in zip(cases, view.keys.get(step_id, []), strict=True)
+                ]
+            self._sent[signature] = self.pool.put(blobs)
+        return self._sent[signature]
+
+    def _result_bytes(self, case: FinishedCase[Any]) -> tuple[bytes, bytes | None]:
+        if case.id not in self._bytes:
+            self._bytes[case.id] = result_bytes(case.result)
+        return self._bytes[case.id]
+
+    def _done(self, result: CaseResult) -> None:
+        self.done.add(result.case.id)
+        self.run_result.duration = time.perf_counter() - self.started
+        if self.on_case_done is not None:
+            self.on_case_done(self.run_result)
+
+    def _finish(self, result: CaseResult, outcome: _Outcome) -> None:
+        """Write a worker's case into the run folder and the cache; keep its result for later cases."""
+        case = result.case
+        cache_notes = [*result.notes, *outcome.retry_notes]
+        if outcome.result is not None:
+            for name in _COPIED:
+                setattr(result, name, getattr(outcome.result, name))
+            result.error, result.traceback = outcome.result.error, outcome.result.traceback
+            result.bad_input = outcome.result.bad_input
+            result.notes = [*outcome.result.notes, *cache_notes]
         else:
-            pending.append(result)
-    if pending:
-        received = pool.put(_upstream_blobs(state.upstream, plan))
-        for result, outcome in pool.run(pending, received, state.reporter):
-            finished = _finish(result, outcome, state)
-            if finished is not None:
-                computed[result.case.id] = finished
-            state.done()
-            if state.run.aborted or (exitfirst and result.status in ("failed", "error")):
-                break
-    _publish(step, computed, state.upstream)
+            result.status, result.error, result.notes = "error", outcome.error, cache_notes
+        if outcome.aborted:
+            self.run_result.aborted = outcome.error
+        for path, content in outcome.files.items():
+            target = self.folder.root / path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(content)
+        key = self._store(result, outcome, cache_notes)
+        self.reporter.case_finished(result)
+        if result.status in ("passed", "failed"):
+            typed = _reload(result, outcome.files)
+            finished = FinishedCase(case.id, case.step.id, case.analysis, case.params, case.model.name, typed)
+            self.finished[case.id] = (finished, key)
+        self._done(result)
 
-
-def _restore_cached(result: CaseResult, state: _RunState) -> bool:
-    """Compute the case's key; restore it from the cache when stored there (True)."""
-    caching, case = state.caching, result.case
-    if caching is None:
-        return False
-    inputs = caching.keys.inputs(case)
-    base = base_key(inputs)
-    result.cache = {"key": base, "base": base, "state": "not stored", "inputs": inputs}
-    if caching.store is None:
-        return False
-    entry = _usable_entry(caching.store, base, caching.force, state.upstream, result)
-    if entry is None or not _restore(result, entry, state.folder, state.upstream, state.reporter):
-        return False
-    caching.store.touch(entry)
-    caching.store.remember(caching.spec_name, case.id, base, result.cache["key"], inputs)
-    return True
-
-
-def _finish(result: CaseResult, outcome: _Outcome, state: _RunState) -> FinishedCase[Any] | None:
-    """Write a worker's case into the run folder and the cache; its result as later steps see it."""
-    case = result.case
-    cache_notes = [*result.notes, *outcome.retry_notes]
-    if outcome.result is not None:
-        for name in _COPIED:
-            setattr(result, name, getattr(outcome.result, name))
-        result.error, result.traceback = outcome.result.error, outcome.result.traceback
-        result.bad_input = outcome.result.bad_input
-        result.notes = [*outcome.result.notes, *cache_notes]
-    else:
-        result.status, result.error, result.notes = "error", outcome.error, cache_notes
-    if outcome.aborted:
-        state.run.aborted = outcome.error
-    for path, content in outcome.files.items():
-        target = state.folder.root / path
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(content)
-    caching = state.caching
-    if caching is not None:
+    def _store(self, result: CaseResult, outcome: _Outcome, cache_notes: list[str]) -> str:
+        """Store a computed case in the cache (under the entry's lock, held only while writing); its key."""
+        caching = self.caching
+        if caching is None:
+            return ""
         base, inputs = result.cache["base"], result.cache["inputs"]
         result.cache["key"] = cache_key(base, outcome.reads)
         if caching.store is not None:
             store = caching.store
             if result.status in ("passed", "failed"):
                 with store.lock(base):
-                    _store(result, store, base, inputs, outcome.reads, state.folder, caching, cache_notes)
-            store.remember(caching.spec_name, case.id, base, result.cache["key"], inputs)
-    state.reporter.case_finished(result)
-    if result.status not in ("passed", "failed"):
-        return None
-    return FinishedCase(
-        case.id, case.step.id, case.analysis, case.params, case.model.name, _reload(result, outcome.files)
-    )
+                    _store(result, store, base, inputs, outcome.reads, self.folder, caching, cache_notes)
+            store.remember(caching.spec_name, result.case.id, base, result.cache["key"], inputs)
+        return str(result.cache["key"])
+
+
+def _named_steps(params: Any, step_ids: set[str]) -> set[str]:
+    """The step ids that appear as string values in ``params`` (``from_step: train``, ``source: toy``)."""
+    found: set[str] = set()
+    stack = [params.model_dump(mode="json") if hasattr(params, "model_dump") else params]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str) and value in step_ids:
+            found.add(value)
+        elif isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, list | tuple):
+            stack.extend(value)
+    return found
 
 
 def _reload(result: CaseResult, files: dict[str, bytes]) -> Any:
@@ -250,36 +371,6 @@ def _reload(result: CaseResult, files: dict[str, bytes]) -> Any:
     npz_path = next((p for p in result.result_files if p.endswith(".npz")), None)
     model = ANALYSES.get(result.case.analysis).result_model
     return result_from_files(model, files[json_path], files[npz_path] if npz_path else None)
-
-
-def _publish(step: list[CaseResult], computed: dict[str, FinishedCase[Any]], upstream: _Upstream) -> None:
-    """Make the step's finished cases readable by later steps in plan order, as a local run does."""
-    step_id = step[0].case.step.id
-    earlier = upstream.finished.pop(step_id, [])
-    keys = dict(zip([c.id for c in earlier], upstream.keys.pop(step_id, []), strict=True))
-    restored = {c.id: c for c in earlier}
-    for result in step:
-        case_id = result.case.id
-        finished = computed.get(case_id) or restored.get(case_id)
-        if finished is not None:
-            upstream.add(step_id, finished, keys.get(case_id) or result.cache.get("key"))
-
-
-_Blob = tuple[str, str, Any, str, bytes, bytes | None, str]
-
-
-def _upstream_blobs(upstream: _Upstream, plan: Plan) -> dict[str, list[_Blob]]:
-    """Every finished earlier result as its result files' bytes, by step (what a worker may read)."""
-    for step_id in {c.step.id for c in plan.deselected} - set(upstream.finished):
-        upstream._from_cache(step_id)  # a deselected step a case reads comes from the cache
-    blobs: dict[str, list[_Blob]] = {}
-    for step_id, cases in upstream.finished.items():
-        for case, key in zip(cases, upstream.keys.get(step_id, []), strict=True):
-            json_bytes, npz_bytes = result_bytes(case.result)
-            blobs.setdefault(step_id, []).append(
-                (case.id, case.analysis, case.params, case.model_name, json_bytes, npz_bytes, key)
-            )
-    return blobs
 
 
 def _analysis_modules(plan: Plan) -> dict[str, str | None]:
@@ -305,6 +396,16 @@ class _Outcome:
     error: str | None = None
     aborted: bool = False
     retry_notes: list[str] = field(default_factory=list)
+    not_ready: str | None = None
+    """A step the case reads that was not sent with it: the case stopped and is sent again later."""
+
+
+class _NotReady(BaseException):
+    """Raised inside a case that reads a step it was not sent (a BaseException: analyses catch Exception)."""
+
+    def __init__(self, step_id: str) -> None:
+        super().__init__(step_id)
+        self.step_id = step_id
 
 
 class _Received(_Upstream):
@@ -315,11 +416,15 @@ class _Received(_Upstream):
         self._blobs = blobs
 
     def provide(self, step_id: str) -> list[FinishedCase[Any]]:
+        if step_id not in self._blobs:
+            raise _NotReady(step_id)
         if step_id not in self.finished:
-            for case_id, analysis, params, model, json_bytes, npz_bytes, key in self._blobs.get(step_id, []):
+            self.finished[step_id] = []
+            for case_id, analysis, params, model, json_bytes, npz_bytes, key in self._blobs[step_id]:
                 typed = result_from_files(ANALYSES.get(analysis).result_model, json_bytes, npz_bytes)
                 self.add(step_id, FinishedCase(case_id, step_id, analysis, params, model, typed), key)
-        return super().provide(step_id)
+        self.reads[step_id] = list(self.keys.get(step_id, []))
+        return list(self.finished[step_id])
 
 
 class _QuietReporter:
@@ -354,9 +459,20 @@ class CaseWorker:
         )
         self.run_cache: dict[Any, Any] = {}
 
-    def pid(self) -> int:
-        """This worker's process id."""
-        return os.getpid()
+    def describe(self, model: Any) -> dict[str, Any]:
+        """This worker's process, machine and torch settings, as the manifest records the driver's."""
+        import torch
+
+        from runner.manifest import cpu_model, torch_state
+
+        return {
+            "pid": os.getpid(),
+            "hostname": socket.gethostname(),
+            "cpu": cpu_model(),
+            "device": self.resources.device(model),
+            "torch_version": torch.__version__,
+            "torch": torch_state(),
+        }
 
     def run(self, case: Case, blobs: dict[str, list[_Blob]]) -> _Outcome:
         """Run one case into a scratch folder; return its result and files."""
@@ -369,6 +485,8 @@ class CaseWorker:
                 _run_case(result, folder, self.resources, quiet, upstream, self.run_cache)
             except ResourceError as exc:  # a model or dataset that cannot load: no case of the run can run
                 return _Outcome(None, error=str(exc), aborted=True)
+            except _NotReady as exc:
+                return _Outcome(None, not_ready=exc.step_id)
             files = {
                 path: (scratch / path).read_bytes()
                 for path in (*result.result_files, *result.data_files, *result.plot_files)
@@ -396,95 +514,209 @@ def _import_module(name: str, path: str | None) -> None:
     spec.loader.exec_module(module)
 
 
-class _Pool:
-    """Ray actors by group (model and resources); a group's actors are kept while it has work."""
+# --- the pool of workers -----------------------------------------------------------------------------
 
-    def __init__(self, ray: Any, modules: dict[str, str | None], settings: dict[str, Any]) -> None:
+
+@dataclass
+class _Group:
+    """Cases that share a model and a step's resources, and so can share a worker."""
+
+    key: str
+    options: dict[str, Any]
+    model: Any
+    rank: int
+    queue: deque[tuple[CaseResult, Any]] = field(default_factory=deque)
+
+
+@dataclass
+class _Worker:
+    """One actor, the group it serves and the case it runs."""
+
+    number: int
+    actor: Any
+    group: _Group
+    info: Any
+    running: CaseResult | None = None
+    cases: list[str] = field(default_factory=list)
+    stopped: str | None = None
+
+
+class _Pool:
+    """Ray actors by group; starts, reuses, replaces and stops them within the cluster's resources."""
+
+    def __init__(
+        self, ray: Any, modules: dict[str, str | None], settings: dict[str, Any], reporter: Reporter
+    ) -> None:
         self.ray = ray
         self.actor_class = ray.remote(max_restarts=0)(CaseWorker)
-        self.modules, self.settings = modules, settings
-        self.groups: dict[str, list[Any]] = {}
+        self.modules, self.settings, self.reporter = modules, settings, reporter
         self.cluster = ray.cluster_resources()
+        self.groups: dict[str, _Group] = {}
+        self.workers: list[_Worker] = []
+        self.retired: list[_Worker] = []
+        self.inflight: dict[Any, tuple[_Worker, CaseResult, Any]] = {}
+        self.tries: dict[str, int] = {}
+        self.retry_notes: dict[str, list[str]] = {}
+        self._numbers = 0
+
+    @property
+    def busy(self) -> bool:
+        """Whether a case is running or queued."""
+        return bool(self.inflight) or any(g.queue for g in self.groups.values())
 
     def put(self, value: Any) -> Any:
         return self.ray.put(value)
 
-    def run(
-        self, pending: list[CaseResult], received: Any, reporter: Reporter
-    ) -> Iterator[tuple[CaseResult, _Outcome]]:
-        """Run ``pending`` on workers; yields each case with its outcome as it finishes."""
-        groups: dict[str, list[CaseResult]] = {}
-        options: dict[str, dict[str, Any]] = {}
-        for result in pending:
-            opts = worker_options(result.case.step.resources, result.case.model.device, self.cluster)
-            group = f"{result.case.model.model_dump_json()}|{sorted(opts.items())}"
-            groups.setdefault(group, []).append(result)
-            options[group] = opts
-        for group, results in groups.items():
-            yield from self._run_group(group, options[group], results, received, reporter)
+    def drop_queued(self) -> None:
+        """Forget the cases not yet sent to a worker (they stay not run)."""
+        for group in self.groups.values():
+            group.queue.clear()
 
-    def _run_group(
-        self, group: str, opts: dict[str, Any], results: list[CaseResult], received: Any, reporter: Reporter
-    ) -> Iterator[tuple[CaseResult, _Outcome]]:
-        for other in [g for g in self.groups if g != group]:  # free the cluster for this group's workers
-            self._kill(self.groups.pop(other))
-        actors = self.groups.setdefault(group, [])
-        while len(actors) < min(len(results), _capacity(opts, self.cluster)):
-            actors.append(self._start(opts))
-        queue, idle = deque(results), list(actors)
-        inflight: dict[Any, tuple[Any, CaseResult]] = {}
-        tries: dict[str, int] = {}
-        retry_notes: dict[str, list[str]] = {}
-        while queue or inflight:
-            while queue and idle:
-                actor, result = idle.pop(), queue.popleft()
-                reporter.case_started(result.case)
-                inflight[actor.run.remote(result.case, received)] = (actor, result)
-            [ref], _ = self.ray.wait(list(inflight), num_returns=1)
-            actor, result = inflight.pop(ref)
-            try:
-                outcome = self.ray.get(ref)
-                idle.append(actor)
-            except self.ray.exceptions.RayActorError as exc:
-                replacement = self._start(opts)
-                actors[actors.index(actor)] = replacement
-                idle.append(replacement)
-                retried = self._died(result, exc, tries, retry_notes)
-                if retried is None:
-                    queue.appendleft(result)
-                    continue
-                outcome = retried
-            outcome.retry_notes = retry_notes.get(result.case.id, [])
-            yield result, outcome
+    def submit(self, result: CaseResult, blobs: Any) -> None:
+        """Queue a case for its group's workers."""
+        options = worker_options(result.case.step.resources, result.case.model.device, self.cluster)
+        key = f"{result.case.model.model_dump_json()}|{sorted(options.items())}"
+        if key not in self.groups:
+            self.groups[key] = _Group(key, options, result.case.model, len(self.groups))
+        self.groups[key].queue.append((result, blobs))
 
-    @staticmethod
-    def _died(
-        result: CaseResult, exc: Exception, tries: dict[str, int], notes: dict[str, list[str]]
-    ) -> _Outcome | None:
+    def wait(self, timeout: float) -> list[tuple[CaseResult, _Outcome]]:
+        """Start what can start, then the cases that returned within ``timeout`` seconds."""
+        self._pump()
+        if not self.inflight:
+            return []
+        refs = list(self.inflight)
+        ready, rest = self.ray.wait(refs, num_returns=1, timeout=timeout)
+        if ready and rest:
+            more, _ = self.ray.wait(rest, num_returns=len(rest), timeout=0)
+            ready = [*ready, *more]
+        returned = []
+        for ref in ready:
+            outcome = self._collect(ref)
+            if outcome is not None:
+                returned.append(outcome)
+        self._pump()
+        return returned
+
+    def _collect(self, ref: Any) -> tuple[CaseResult, _Outcome] | None:
+        worker, result, blobs = self.inflight.pop(ref)
+        worker.running = None
+        try:
+            outcome: _Outcome = self.ray.get(ref)
+        except self.ray.exceptions.RayActorError as exc:
+            self._retire(worker, f"died in {result.case.id}")
+            retried = self._died(result, exc)
+            if retried is None:
+                worker.group.queue.appendleft((result, blobs))
+                return None
+            outcome = retried
+        else:
+            self._show(worker, None)
+        outcome.retry_notes = self.retry_notes.get(result.case.id, [])
+        return result, outcome
+
+    def _pump(self) -> None:
+        """Give idle workers their group's next case; start workers for groups that wait, fewest first."""
+        for worker in self.workers:
+            if worker.running is None and worker.group.queue:
+                self._send(worker)
+        while True:
+            waiting = [g for g in self.groups.values() if g.queue]
+            if not waiting:
+                return
+            group = min(waiting, key=lambda g: (sum(w.group is g for w in self.workers), g.rank))
+            if not self.workers or self._fits(group.options):
+                self._send(self._start(group))
+                continue
+            idle = [w for w in self.workers if w.running is None and not w.group.queue]
+            if not idle:
+                return
+            self._retire(idle[0], "stopped to make room for another group")
+
+    def _fits(self, options: dict[str, Any]) -> bool:
+        """Whether one more worker with ``options`` fits beside the running ones."""
+        for key, resource in (("num_cpus", "CPU"), ("num_gpus", "GPU"), ("memory", "memory")):
+            want = options.get(key) or 0
+            used = sum(w.group.options.get(key) or 0 for w in self.workers)
+            if want and used + want > self.cluster.get(resource, 0) + 1e-9:
+                return False
+        return True
+
+    def _start(self, group: _Group) -> _Worker:
+        self._numbers += 1
+        actor = self.actor_class.options(**group.options).remote(self.modules, self.settings)
+        worker = _Worker(self._numbers, actor, group, actor.describe.remote(group.model))
+        self.workers.append(worker)
+        return worker
+
+    def _send(self, worker: _Worker) -> None:
+        result, blobs = worker.group.queue.popleft()
+        worker.running = result
+        worker.cases.append(result.case.id)
+        self.reporter.case_started(result.case)
+        self._show(worker, result.case.id)
+        self.inflight[worker.actor.run.remote(result.case, blobs)] = (worker, result, blobs)
+
+    def _show(self, worker: _Worker, case_id: str | None) -> None:
+        """Tell the console what the worker runs now (None: idle, or stopped)."""
+        show = getattr(self.reporter, "worker_status", None)
+        if show is not None:
+            name = f"worker {worker.number} ({worker.group.model.name})"
+            show(name, None if worker.stopped else case_id or "idle")
+
+    def _retire(self, worker: _Worker, why: str) -> None:
+        worker.stopped = why
+        self._show(worker, None)
+        self.workers.remove(worker)
+        self.retired.append(worker)
+        with contextlib.suppress(Exception):
+            self.ray.kill(worker.actor)
+
+    def _died(self, result: CaseResult, exc: Exception) -> _Outcome | None:
         """None: send the case again (its worker died); else, past the limit, its error outcome."""
         case_id = result.case.id
-        tries[case_id] = tries.get(case_id, 0) + 1
-        if tries[case_id] <= MAX_RETRIES:
-            notes.setdefault(case_id, []).append(
+        self.tries[case_id] = self.tries.get(case_id, 0) + 1
+        if self.tries[case_id] <= MAX_RETRIES:
+            self.retry_notes.setdefault(case_id, []).append(
                 f"its Ray worker died ({type(exc).__name__}); sent again to a new worker"
             )
             return None
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return _Outcome(None, error=f"its Ray worker died {tries[case_id]} times, the last time: {reason}")
+        return _Outcome(
+            None, error=f"its Ray worker died {self.tries[case_id]} times, the last time: {reason}"
+        )
 
-    def _start(self, opts: dict[str, Any]) -> Any:
-        return self.actor_class.options(**opts).remote(self.modules, self.settings)
+    def close(self) -> list[dict[str, Any]]:
+        """Stop every worker (outstanding cases are cancelled); what each worker was, for the manifest."""
+        for worker in list(self.workers):
+            worker.stopped = "the run ended"
+        everyone = sorted([*self.retired, *self.workers], key=lambda w: w.number)
+        described = self._described(everyone)
+        for worker in list(self.workers):
+            self._retire(worker, "the run ended")
+        return described
 
-    def _kill(self, actors: list[Any]) -> None:
-        for actor in actors:
-            with contextlib.suppress(Exception):
-                self.ray.kill(actor)
-
-    def close(self) -> None:
-        """Stop every worker (outstanding work is cancelled)."""
-        for actors in self.groups.values():
-            self._kill(actors)
-        self.groups.clear()
+    def _described(self, workers: list[_Worker]) -> list[dict[str, Any]]:
+        infos = [w.info for w in workers]
+        ready: set[Any] = set()
+        with contextlib.suppress(Exception):
+            ready = set(self.ray.wait(infos, num_returns=len(infos), timeout=0)[0]) if infos else set()
+        described = []
+        for worker in workers:
+            info: dict[str, Any] = {}
+            if worker.info in ready:
+                with contextlib.suppress(Exception):
+                    info = self.ray.get(worker.info)
+            described.append(
+                {
+                    "worker": worker.number,
+                    "model": worker.group.model.name,
+                    "resources": worker.group.options,
+                    "cases": worker.cases,
+                    **info,
+                }
+            )
+        return described
 
 
 def worker_options(spec: ResourcesSpec | None, device: str, cluster: dict[str, float]) -> dict[str, Any]:
@@ -501,13 +733,3 @@ def worker_options(spec: ResourcesSpec | None, device: str, cluster: dict[str, f
     if spec.memory is not None:
         options["memory"] = int(spec.memory)
     return options
-
-
-def _capacity(opts: dict[str, Any], cluster: dict[str, float]) -> int:
-    """How many workers with ``opts`` the cluster holds at once (at least one)."""
-    fits = [
-        int(cluster.get(resource, 0) // opts[key] + 1e-9)
-        for key, resource in (("num_cpus", "CPU"), ("num_gpus", "GPU"), ("memory", "memory"))
-        if opts.get(key)
-    ]
-    return max(1, min(fits, default=1))
