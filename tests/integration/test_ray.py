@@ -1,6 +1,8 @@
 """`runner run --executor ray` on a local Ray instance started by the tests (2 CPUs, loopback only).
 
-Toy analyses (no model) keep these fast; the workers are real Ray actor processes.
+Toy analyses (no model) keep these fast; the workers are real Ray actor processes. The analyses in
+``ray_analyses.py`` log when each case starts and ends and wait for each other's lines, so the tests
+check the order in which cases ran without relying on timing.
 """
 
 from __future__ import annotations
@@ -8,6 +10,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +24,8 @@ from runner.results import StepResult
 from runner.step import StepOutput
 
 ray = pytest.importorskip("ray")
+
+import ray_analyses  # noqa: E402, F401  (registers stamp and model_stamp)
 
 pytestmark = pytest.mark.ray
 
@@ -218,3 +226,173 @@ def test_address_without_the_ray_executor_is_a_usage_error(write_spec, run_cli, 
     assert code == 2
     assert "--address names a Ray cluster: use it with --executor ray." in err
     assert not (tmp_path / "runs").exists()  # refused before a run folder was made
+
+
+def test_the_manifest_records_each_workers_process_host_and_torch_settings(
+    local_ray, write_spec, run_cli, tmp_path
+):
+    import torch
+
+    from runner.manifest import cpu_model
+
+    spec = write_spec(CHAIN)
+    assert run_cli("run", spec, "--no-cache", "--executor", "ray")[0] == 1
+    workers = json.loads((newest_run(tmp_path) / "manifest.json").read_text())["environment"]["workers"]
+    assert sorted(c for w in workers for c in w["cases"]) == sorted(case_records(newest_run(tmp_path)))
+    for worker in workers:
+        assert worker["pid"] != os.getpid() and worker["hostname"] == socket.gethostname()
+        assert worker["cpu"] == cpu_model() and worker["device"] == "cpu"
+        assert worker["torch_version"] == torch.__version__
+        assert worker["torch"]["threads"] == 1  # Ray gives an actor num_cpus threads: one by default
+        assert worker["resources"] == {"num_cpus": 1.0, "num_gpus": 0.0}
+    assert run_cli("run", spec, "--no-cache")[0] == 1
+    local = json.loads((newest_run(tmp_path) / "manifest.json").read_text())["environment"]
+    assert "workers" not in local  # a local run has none
+
+
+DEPENDENT = """
+name: deps
+steps:
+  - id: slow  # ends only once total ended: total must not wait for it
+    analysis: stamp
+    params: {{log: {log}, wait_for: end total}}
+    resources: {{num_cpus: 0.5}}
+  - id: fast  # ends only once hidden started: hidden is sent before fast finished
+    analysis: stamp
+    params: {{log: {log}, wait_for: start hidden}}
+    resources: {{num_cpus: 0.5}}
+  - id: hidden  # reads fast under a name the scheduler cannot see
+    analysis: stamp
+    params: {{log: {log}, hidden_source: FAST}}
+    resources: {{num_cpus: 0.5}}
+  - id: total  # reads fast: sent as soon as fast finished
+    analysis: stamp
+    params: {{log: {log}, source: fast}}
+    resources: {{num_cpus: 0.5}}
+"""
+
+
+def test_a_case_is_sent_once_what_it_reads_finished_not_after_every_earlier_case(
+    local_ray, write_spec, run_cli, tmp_path, monkeypatch
+):
+    from runner.console import ConsoleReporter
+
+    shown: list[tuple[str, str | None]] = []
+    monkeypatch.setattr(ConsoleReporter, "worker_status", lambda self, w, doing: shown.append((w, doing)))
+    log = tmp_path / "events.log"
+    log.write_text("")
+    code, out, err = run_cli("run", write_spec(DEPENDENT.format(log=log)), "--executor", "ray")
+    assert code == 0, out + err
+    events = log.read_text().splitlines()
+    assert events.index("end total") < events.index("end slow")
+    # hidden started while fast ran, found it unfinished, and was sent again once it had finished
+    assert events.count("start hidden") == 2
+    assert events.index("start hidden") < events.index("end fast") < events.index("end hidden")
+    records = case_records(newest_run(tmp_path, "deps"))
+    assert {case_id: r["status"] for case_id, r in records.items()} == dict.fromkeys(
+        ["slow", "fast", "hidden", "total"], "passed"
+    )
+    assert records["hidden"]["summary"]["read"] == records["total"]["summary"]["read"] == ["fast"]
+    assert records["hidden"]["notes"] == []  # the resend is the scheduler's business, not the case's
+    # The console was told which worker ran what, and every worker's line was removed at the end.
+    running = {doing for _, doing in shown if doing not in (None, "idle")}
+    assert running == {"slow", "fast", "hidden", "total"}
+    workers = {w for w, _ in shown}
+    assert len(workers) >= 3 and all(w.startswith("worker ") for w in workers)
+    assert all([d for w2, d in shown if w2 == w][-1] is None for w in workers)
+
+
+SCRIPT = """
+import sys
+sys.path.insert(0, {here!r})
+import ray_analyses  # registers stamp and model_stamp
+from runner.cli import main
+sys.exit(main(["run", {spec!r}, "--executor", "ray"]))
+"""
+
+PAIR = """
+name: pair
+model: {{name: {a}, device: cpu}}
+sweep:
+  product:
+    model.name: [{a}, {b}]
+steps:
+  - id: meet  # each model's case ends only once both have started: they run side by side
+    analysis: model_stamp
+    params: {{log: {log}, starts: 2}}
+  - id: wait
+    analysis: stamp
+    params: {{log: {log}, sleep: 300}}
+"""
+
+
+@pytest.fixture(scope="module")
+def interrupted_pair(tiny_llama_dir, tmp_path_factory):
+    """A subprocess runs two tiny models' cases on Ray, then a long case; Ctrl-C (SIGINT) while it runs."""
+    root = tmp_path_factory.mktemp("pair")
+    for name in ("model-a", "model-b"):  # two models to runner (two names), the same tiny weights
+        (root / name).symlink_to(tiny_llama_dir, target_is_directory=True)
+    log = root / "events.log"
+    log.write_text("")
+    spec = root / "pair.yaml"
+    spec.write_text(PAIR.format(a=root / "model-a", b=root / "model-b", log=log))
+    script = SCRIPT.format(here=str(Path(__file__).parent), spec=str(spec))
+    env = {**os.environ, "RUNNER_RESULTS_CACHE": str(root / "cache")}
+    process = subprocess.Popen(
+        [sys.executable, "-c", script],
+        cwd=root,
+        env=env,
+        text=True,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 180
+    while "start wait" not in log.read_text() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "start wait" in log.read_text(), process.communicate(timeout=60)[0]
+    interrupted = time.monotonic()
+    os.killpg(process.pid, signal.SIGINT)  # as Ctrl-C in a terminal: the whole process group
+    output = process.communicate(timeout=120)[0]
+    (folder,) = (root / "runs" / "pair").iterdir()
+    return {
+        "code": process.returncode,
+        "output": output,
+        "seconds": time.monotonic() - interrupted,
+        "folder": folder,
+        "manifest": json.loads((folder / "manifest.json").read_text()),
+        "models": (str(root / "model-a"), str(root / "model-b")),
+        "cache": root / "cache",
+    }
+
+
+def test_ctrl_c_stops_the_workers_and_keeps_the_finished_cases(interrupted_pair):
+    run = interrupted_pair
+    assert run["code"] == 2, run["output"]  # pytest's "interrupted"
+    assert run["seconds"] < 60  # the 300 s case was cancelled, not awaited
+    manifest = run["manifest"]
+    assert manifest["status"] == "interrupted"
+    cases = manifest["cases"]
+    assert cases["wait"]["status"] == "not run"
+    assert cases["wait"]["error"] == "interrupted by the user (Ctrl-C)"
+    meets = {case_id: r for case_id, r in cases.items() if case_id.startswith("meet[")}
+    assert len(meets) == 2
+    for record in meets.values():
+        assert record["status"] == "passed" and record["cache"]["state"] == "computed"
+        assert record["result_files"] and all((run["folder"] / n).is_file() for n in record["result_files"])
+        entry = run["cache"] / "entries" / record["cache"]["key"][:2] / record["cache"]["key"]
+        assert (entry / "entry.json").is_file()
+    assert "Interrupted: finished cases are saved" in run["output"]
+
+
+def test_two_models_run_side_by_side_on_their_own_workers(interrupted_pair):
+    manifest = interrupted_pair["manifest"]
+    meets = [r for case_id, r in manifest["cases"].items() if case_id.startswith("meet[")]
+    # Each case waited until both had started, so both passing means they ran at the same time.
+    assert [r["status"] for r in meets] == ["passed", "passed"]
+    assert len({r["summary"]["pid"] for r in meets}) == 2
+    assert all(r["summary"]["d_model"] > 0 for r in meets)
+    workers = manifest["environment"]["workers"]
+    by_model = {w["model"]: w for w in workers if any(c.startswith("meet[") for c in w["cases"])}
+    assert sorted(by_model) == sorted(interrupted_pair["models"])
+    assert {w["pid"] for w in by_model.values()} == {r["summary"]["pid"] for r in meets}

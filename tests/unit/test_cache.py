@@ -167,21 +167,32 @@ def test_temporary_folders_of_dead_writers_are_removed(tmp_path):
 
 def test_the_entry_lock_excludes_another_process(tmp_path):
     cache = ResultCache(tmp_path / "cache")
+    lock = tmp_path / "cache" / "locks" / f"{'ef' * 32}.lock"
+    with cache.lock("ef" * 32):
+        assert _other_process_sees(lock, "LOCK_EX") == "held"
+        assert _other_process_sees(lock, "LOCK_SH") == "held"  # a reader waits for a writer
+    assert _other_process_sees(lock, "LOCK_EX") == "free"
+
+
+def test_readers_share_the_entry_lock_and_a_writer_waits_for_them(tmp_path):
+    cache = ResultCache(tmp_path / "cache")
+    lock = tmp_path / "cache" / "locks" / f"{'ef' * 32}.lock"
+    with cache.lock("ef" * 32, shared=True):
+        assert _other_process_sees(lock, "LOCK_SH") == "free"
+        assert _other_process_sees(lock, "LOCK_EX") == "held"
+    assert _other_process_sees(lock, "LOCK_EX") == "free"
+
+
+def _other_process_sees(lock: Path, mode: str) -> str:
+    """Whether another process could take ``lock`` in ``mode`` now: ``free`` or ``held``."""
     probe = (
         "import fcntl, sys; f = open(sys.argv[1], 'a+b')\n"
-        "try:\n    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB); print('free')\n"
+        f"try:\n    fcntl.flock(f, fcntl.{mode} | fcntl.LOCK_NB); print('free')\n"
         "except BlockingIOError:\n    print('held')"
     )
-    lock = tmp_path / "cache" / "locks" / f"{'ef' * 32}.lock"
-
-    def other_process_sees() -> str:
-        return subprocess.run(
-            [sys.executable, "-c", probe, str(lock)], capture_output=True, text=True
-        ).stdout.strip()
-
-    with cache.lock("ef" * 32):
-        assert other_process_sees() == "held"
-    assert other_process_sees() == "free"
+    return subprocess.run(
+        [sys.executable, "-c", probe, str(lock)], capture_output=True, text=True
+    ).stdout.strip()
 
 
 def test_prune_removes_entries_not_used_within_the_age(tmp_path):
