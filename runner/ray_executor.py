@@ -273,12 +273,12 @@ class _Schedule:
         view = _Upstream()
         index = self.order[result.case.id]
         for step_id in sorted(self.reads[result.case.id]):
+            view.finished.setdefault(step_id, [])  # sent even when empty: ctx.outputs then says so
             if step_id not in self.steps:
                 cases = self.deselected.provide(step_id)
                 for case, key in zip(cases, self.deselected.keys.get(step_id, []), strict=True):
                     view.add(step_id, case, key)
                 continue
-            view.finished.setdefault(step_id, [])
             for other in self.steps[step_id]:
                 if self.order[other.case.id] < index and other.case.id in self.finished:
                     view.add(step_id, *self.finished[other.case.id])

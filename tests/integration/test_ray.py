@@ -396,3 +396,25 @@ def test_two_models_run_side_by_side_on_their_own_workers(interrupted_pair):
     by_model = {w["model"]: w for w in workers if any(c.startswith("meet[") for c in w["cases"])}
     assert sorted(by_model) == sorted(interrupted_pair["models"])
     assert {w["pid"] for w in by_model.values()} == {r["summary"]["pid"] for r in meets}
+
+
+def test_a_case_reading_a_step_the_plan_lacks_errors_as_in_a_local_run(
+    local_ray, write_spec, run_cli, tmp_path
+):
+    log = tmp_path / "events.log"
+    log.write_text("")
+    spec = write_spec(
+        f"""
+        name: missing
+        steps:
+          - id: hidden  # reads step "nosuch" under a name the scheduler cannot see
+            analysis: stamp
+            params: {{log: {log}, hidden_source: NOSUCH}}
+        """
+    )
+    code, out, err = run_cli("run", spec, "--executor", "ray")
+    assert code == 1, out + err
+    (record,) = case_records(newest_run(tmp_path, "missing")).values()
+    assert record["status"] == "error"
+    assert record["error"].startswith("Step 'nosuch' has no finished case in this run, but case hidden needs")
+    assert log.read_text().splitlines().count("start hidden") == 2  # sent once more, with the (empty) step
