@@ -97,7 +97,7 @@ class RayExecutor:
         ray = import_ray()
         started_here = _connect(ray, self.address)
         run = RunResult([CaseResult(case) for case in plan.cases], 0.0)
-        pool = _Pool(ray, _analysis_modules(plan), self.settings, reporter)
+        pool = _Pool(ray, _analysis_modules(plan), self.settings, reporter, fixed=started_here)
         schedule = _Schedule(run, plan, folder, reporter, caching, on_case_done, pool)
         try:
             schedule.run(exitfirst)
@@ -545,9 +545,17 @@ class _Pool:
     """Ray actors by group; starts, reuses, replaces and stops them within the cluster's resources."""
 
     def __init__(
-        self, ray: Any, modules: dict[str, str | None], settings: dict[str, Any], reporter: Reporter
+        self,
+        ray: Any,
+        modules: dict[str, str | None],
+        settings: dict[str, Any],
+        reporter: Reporter,
+        fixed: bool = False,
     ) -> None:
         self.ray = ray
+        self.fixed = fixed
+        """The cluster cannot grow (a local instance runner started): a case it cannot hold is an error."""
+        self.refused: list[tuple[CaseResult, _Outcome]] = []
         self.actor_class = ray.remote(max_restarts=0)(CaseWorker)
         self.modules, self.settings, self.reporter = modules, settings, reporter
         self.cluster = ray.cluster_resources()
@@ -562,7 +570,7 @@ class _Pool:
     @property
     def busy(self) -> bool:
         """Whether a case is running or queued."""
-        return bool(self.inflight) or any(g.queue for g in self.groups.values())
+        return bool(self.inflight or self.refused) or any(g.queue for g in self.groups.values())
 
     def put(self, value: Any) -> Any:
         return self.ray.put(value)
@@ -575,6 +583,15 @@ class _Pool:
     def submit(self, result: CaseResult, blobs: Any) -> None:
         """Queue a case for its group's workers."""
         options = worker_options(result.case.step.resources, result.case.model.device, self.cluster)
+        if self.fixed and not _fits((), options, self.cluster):  # Ray would wait for it forever
+            wanted = ", ".join(f"{k} {v:g}" for k, v in options.items() if v)
+            error = (
+                f"its step reserves {wanted} per case, more than the local Ray instance has "
+                f"({', '.join(f'{k} {self.cluster.get(k, 0):g}' for k in ('CPU', 'GPU'))}). Lower the "
+                "step's `resources:`, or join a bigger cluster with --address."
+            )
+            self.refused.append((result, _Outcome(None, error=error)))
+            return
         key = f"{result.case.model.model_dump_json()}|{sorted(options.items())}"
         if key not in self.groups:
             self.groups[key] = _Group(key, options, result.case.model, len(self.groups))
@@ -582,15 +599,16 @@ class _Pool:
 
     def wait(self, timeout: float) -> list[tuple[CaseResult, _Outcome]]:
         """Start what can start, then the cases that returned within ``timeout`` seconds."""
+        refused, self.refused = self.refused, []
         self._pump()
         if not self.inflight:
-            return []
+            return refused
         refs = list(self.inflight)
         ready, rest = self.ray.wait(refs, num_returns=1, timeout=timeout)
         if ready and rest:
             more, _ = self.ray.wait(rest, num_returns=len(rest), timeout=0)
             ready = [*ready, *more]
-        returned = []
+        returned = refused
         for ref in ready:
             outcome = self._collect(ref)
             if outcome is not None:
@@ -625,22 +643,13 @@ class _Pool:
             if not waiting:
                 return
             group = min(waiting, key=lambda g: (sum(w.group is g for w in self.workers), g.rank))
-            if not self.workers or self._fits(group.options):
+            if not self.workers or _fits(self.workers, group.options, self.cluster):
                 self._send(self._start(group))
                 continue
             idle = [w for w in self.workers if w.running is None and not w.group.queue]
             if not idle:
                 return
             self._retire(idle[0], "stopped to make room for another group")
-
-    def _fits(self, options: dict[str, Any]) -> bool:
-        """Whether one more worker with ``options`` fits beside the running ones."""
-        for key, resource in (("num_cpus", "CPU"), ("num_gpus", "GPU"), ("memory", "memory")):
-            want = options.get(key) or 0
-            used = sum(w.group.options.get(key) or 0 for w in self.workers)
-            if want and used + want > self.cluster.get(resource, 0) + 1e-9:
-                return False
-        return True
 
     def _start(self, group: _Group) -> _Worker:
         self._numbers += 1
@@ -653,7 +662,8 @@ class _Pool:
         result, blobs = worker.group.queue.popleft()
         worker.running = result
         worker.cases.append(result.case.id)
-        self.reporter.case_started(result.case)
+        if getattr(self.reporter, "worker_status", None) is None:  # else the worker's line names it
+            self.reporter.case_started(result.case)
         self._show(worker, result.case.id)
         self.inflight[worker.actor.run.remote(result.case, blobs)] = (worker, result, blobs)
 
@@ -717,6 +727,16 @@ class _Pool:
                 }
             )
         return described
+
+
+def _fits(workers: Any, options: dict[str, Any], cluster: dict[str, float]) -> bool:
+    """Whether one more worker with ``options`` fits in ``cluster`` beside ``workers``."""
+    for key, resource in (("num_cpus", "CPU"), ("num_gpus", "GPU"), ("memory", "memory")):
+        want = options.get(key) or 0
+        used = sum(w.group.options.get(key) or 0 for w in workers)
+        if want and used + want > cluster.get(resource, 0) + 1e-9:
+            return False
+    return True
 
 
 def worker_options(spec: ResourcesSpec | None, device: str, cluster: dict[str, float]) -> dict[str, Any]:
