@@ -10,7 +10,7 @@
 
 Prints a table with the CPU model, its matmul rate and the load average, and writes JSON.
 
-    python benchmarks/ray.py [--small 10] [--many 80] [--skip-quickstart] [--output out.json]
+    python benchmarks/ray.py [--small 10] [--many 400] [--skip-quickstart] [--output out.json]
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ def quickstart(scratch: Path) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--small", type=int, default=10)
-    parser.add_argument("--many", type=int, default=80)
+    parser.add_argument("--many", type=int, default=400)
     parser.add_argument("--skip-quickstart", action="store_true")
     parser.add_argument("--output")
     args = parser.parse_args()
