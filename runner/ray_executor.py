@@ -623,11 +623,19 @@ class _Pool:
             outcome: _Outcome = self.ray.get(ref)
         except self.ray.exceptions.RayActorError as exc:
             self._retire(worker, f"died in {result.case.id}")
+            if getattr(exc, "actor_init_failed", False):  # it raised while starting: no retry helps
+                lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+                return result, _Outcome(None, error=f"its Ray worker could not start: {lines[-1]}")
             retried = self._died(result, exc)
             if retried is None:
                 worker.group.queue.appendleft((result, blobs))
                 return None
             outcome = retried
+        except self.ray.exceptions.RayTaskError as exc:  # raised outside the case's own try (a bug)
+            cause = getattr(exc, "cause", None) or exc
+            error = str(cause) if isinstance(cause, RunnerError) else f"{type(cause).__name__}: {cause}"
+            outcome = _Outcome(None, error=error)
+            self._show(worker, None)
         else:
             self._show(worker, None)
         outcome.retry_notes = self.retry_notes.get(result.case.id, [])

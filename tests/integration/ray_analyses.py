@@ -8,6 +8,7 @@ waits for a line no other case writes in time errors after :data:`PATIENCE_S` se
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -87,6 +88,36 @@ def stamp(ctx, params: StampParams) -> StepOutput:
 def model_stamp(ctx, params: StampParams) -> StepOutput:
     """``stamp`` on a worker that loads the case's model (its d_model goes into the result)."""
     return _stamp(ctx, params, d_model=int(ctx.model.model.cfg.d_model))
+
+
+class DieOnceParams(BaseModel):
+    """Parameters of an analysis whose worker process dies the first time it runs a case."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    marker: str
+    """A file: absent, the case creates it and kills its own process; present, the case returns."""
+    value: float = 1.0
+    always: bool = False
+    """Kill the process on every attempt."""
+
+
+class DieOnceResult(StepResult):
+    value: float
+    pid: int
+
+
+def die_once(ctx, params):
+    """SIGKILL this process on the first attempt (as an OOM killer or a lost node would)."""
+    marker = Path(params.marker)
+    if params.always or not marker.exists():
+        marker.write_text(str(os.getpid()))
+        os.kill(os.getpid(), signal.SIGKILL)
+    return StepOutput(result=DieOnceResult(value=params.value * 2, pid=os.getpid()))
+
+
+if "die_once" not in ANALYSES:
+    analysis("die_once", params=DieOnceParams, result=DieOnceResult, needs=())(die_once)
 
 
 if "stamp" not in ANALYSES:

@@ -17,15 +17,10 @@ import time
 from pathlib import Path
 
 import pytest
-from pydantic import BaseModel, ConfigDict
-
-from runner.registry import ANALYSES, analysis
-from runner.results import StepResult
-from runner.step import StepOutput
 
 ray = pytest.importorskip("ray")
 
-import ray_analyses  # noqa: E402, F401  (registers stamp and model_stamp)
+import ray_analyses  # noqa: E402  (registers stamp, model_stamp and die_once)
 
 pytestmark = pytest.mark.ray
 
@@ -48,36 +43,6 @@ expectations:
     name: biggest square above ten
     that: "max(squares) > 10"
 """
-
-
-class DieOnceParams(BaseModel):
-    """Parameters of an analysis whose worker process dies the first time it runs a case."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    marker: str
-    """A file: absent, the case creates it and kills its own process; present, the case returns."""
-    value: float = 1.0
-    always: bool = False
-    """Kill the process on every attempt."""
-
-
-class DieOnceResult(StepResult):
-    value: float
-    pid: int
-
-
-def die_once(ctx, params):
-    """SIGKILL this process on the first attempt (as an OOM killer or a lost node would)."""
-    marker = Path(params.marker)
-    if params.always or not marker.exists():
-        marker.write_text(str(os.getpid()))
-        os.kill(os.getpid(), signal.SIGKILL)
-    return StepOutput(result=DieOnceResult(value=params.value * 2, pid=os.getpid()))
-
-
-if "die_once" not in ANALYSES:
-    analysis("die_once", params=DieOnceParams, result=DieOnceResult, needs=())(die_once)
 
 
 @pytest.fixture(scope="module")
@@ -418,3 +383,67 @@ def test_a_case_reading_a_step_the_plan_lacks_errors_as_in_a_local_run(
     assert record["status"] == "error"
     assert record["error"].startswith("Step 'nosuch' has no finished case in this run, but case hidden needs")
     assert log.read_text().splitlines().count("start hidden") == 2  # sent once more, with the (empty) step
+
+
+BROKEN = """
+import os
+
+if os.getpid() != {pid}:
+    raise RuntimeError("this module imports only in the driver")
+
+from ray_analyses import StampParams, StampResult, stamp
+from runner.registry import ANALYSES, analysis
+
+
+def broken(ctx, params):
+    '''stamp, from a module that imports only in the driver.'''
+    return stamp(ctx, params)
+
+
+if "broken_on_workers" not in ANALYSES:
+    analysis("broken_on_workers", params=StampParams, result=StampResult, needs=())(broken)
+"""
+
+
+def test_a_worker_that_cannot_start_errors_its_case_with_the_cause_without_retrying(
+    local_ray, write_spec, run_cli, tmp_path, monkeypatch
+):
+    import importlib
+
+    (tmp_path / "broken_module.py").write_text(BROKEN.format(pid=os.getpid()))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.import_module("broken_module")  # registers the analysis here; a worker's import raises
+    log = tmp_path / "log"
+    spec = write_spec(
+        f"name: broken\nsteps:\n  - id: b\n    analysis: broken_on_workers\n    params: {{log: {log}}}\n"
+    )
+    code, out, err = run_cli("run", spec, "--executor", "ray")
+    assert code == 1, out + err
+    (record,) = case_records(newest_run(tmp_path, "broken")).values()
+    assert record["status"] == "error"
+    assert (
+        record["error"]
+        == "its Ray worker could not start: RuntimeError: this module imports only in the driver"
+    )
+    assert record["notes"] == []  # not retried
+
+
+def test_an_analysis_the_workers_do_not_know_errors_its_case_instead_of_the_run(
+    local_ray, write_spec, run_cli, tmp_path
+):
+    from runner.registry import ANALYSES, analysis
+
+    if "driver_only" not in ANALYSES:  # registered here only: ray_analyses, which workers import, lacks it
+        analysis("driver_only", params=ray_analyses.StampParams, result=ray_analyses.StampResult, needs=())(
+            ray_analyses.stamp
+        )
+    log = tmp_path / "log"
+    spec = write_spec(
+        f"name: unknown\nsteps:\n  - id: d\n    analysis: driver_only\n    params: {{log: {log}}}\n"
+    )
+    code, out, err = run_cli("run", spec, "--executor", "ray")
+    assert code == 1, out + err
+    (record,) = case_records(newest_run(tmp_path, "unknown")).values()
+    assert record["status"] == "error"
+    assert record["error"].startswith("Unknown analysis 'driver_only'.")
+    assert "Traceback" not in out + err
