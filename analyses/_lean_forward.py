@@ -40,8 +40,13 @@ blocking and softmax order differ), not bit for bit.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -52,7 +57,14 @@ if TYPE_CHECKING:
 
     from runner.step import StepContext
 
-__all__ = ["Edits", "LeanForward", "checked_lean_forward", "unsupported_reason"]
+__all__ = [
+    "Edits",
+    "LeanForward",
+    "check_key",
+    "checked_lean_forward",
+    "remembered_refusal",
+    "unsupported_reason",
+]
 
 Edits = Mapping[str, Callable[[torch.Tensor], torch.Tensor]]
 """Edits by hook name (``blocks.3.hook_mlp_out``): each takes the activation there and returns its
@@ -138,13 +150,72 @@ def _hooked(point: Any) -> bool:
 
 
 def checked_lean_forward(ctx: StepContext, model: HookedTransformer, instead: str) -> LeanForward | None:
-    """The lean forward of ``model``, checked once per run against TransformerLens' forward; ``None``
-    where it must not run, with a note saying why and what runs ``instead``."""
-    refusal = ctx.cached(("lean_forward_refusal", model), lambda: LeanForward.refusal(model))
+    """The lean forward of ``model``, checked once per run against TransformerLens' forward (a passed
+    check is remembered across runs, see :func:`remembered_refusal`); ``None`` where it must not
+    run, with a note saying why and what runs ``instead``."""
+    refusal = ctx.cached(("lean_forward_refusal", model), lambda: remembered_refusal(ctx, model))
     if refusal is not None:
         ctx.note(f"{instead}, not the lean forward: {refusal}.")
         return None
     return LeanForward(model)
+
+
+def remembered_refusal(
+    ctx: StepContext, model: HookedTransformer, cache_dir: Path | None = None
+) -> str | None:
+    """:meth:`LeanForward.refusal`, with a passed check remembered in ``cache_dir/lean-forward/``
+    (default: the weight cache's folder) under :func:`check_key`: the check is one computation of
+    those inputs, so it passes again. A refusal is never stored (it may come from a passing cause,
+    and the slow path it selects is checked every run); nor is anything for a model of unknown
+    weights."""
+    key = check_key(ctx, model)
+    if key is None:
+        return LeanForward.refusal(model)
+    from runner.models.weight_cache import default_cache_dir
+
+    path = (cache_dir or default_cache_dir()) / "lean-forward" / f"{key[:32]}.json"
+    with contextlib.suppress(OSError, ValueError):
+        if json.loads(path.read_text()) == {"key": key, "passed": True}:
+            return None
+    refusal = LeanForward.refusal(model)
+    if refusal is None:
+        with contextlib.suppress(OSError):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"key": key, "passed": True}))
+            os.replace(tmp, path)
+    return refusal
+
+
+def check_key(ctx: StepContext, model: HookedTransformer) -> str | None:
+    """sha256 of everything :meth:`LeanForward.refusal` depends on, or ``None`` when ``model`` is not the
+    case's own model loaded from a file of known sha256 (its weights could be anything).
+
+    The weights' sha256 and weight-cache format, the model's whole TransformerLens config (dtype and
+    device included), this file's source, the torch and TransformerLens versions, and the CPU
+    instruction set torch's kernels use (they round differently).
+    """
+    from runner.errors import RunnerError
+
+    try:
+        loaded = ctx.model
+    except RunnerError:
+        return None
+    sha256 = loaded.info.get("sha256") if loaded.model is model else None
+    if not isinstance(sha256, str):
+        return None
+    from runner.models.naming import package_version
+    from runner.models.weight_cache import CACHE_FORMAT
+
+    inputs = {
+        "weights_sha256": sha256,
+        "weight_cache_format": CACHE_FORMAT,
+        "config": repr(sorted(model.cfg.to_dict().items())),
+        "lean_forward_sha256": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+        "versions": {p: package_version(p) for p in ("torch", "transformer-lens")},
+        "cpu": torch.backends.cpu.get_cpu_capability(),
+    }
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass

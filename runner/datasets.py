@@ -6,9 +6,11 @@ padding is ever needed (padded batches are a known source of silent errors in ho
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +20,14 @@ import torch
 
 from runner.errors import ResourceError
 
-__all__ = ["TokenDataset", "fingerprint_tokens", "load_text", "tokenize_passages"]
+__all__ = [
+    "TokenDataset",
+    "cached_tokenize",
+    "fingerprint_tokens",
+    "load_text",
+    "tokenize_passages",
+    "tokenizer_identity",
+]
 
 HUB_ALIASES = {"wikitext-2": ("wikitext", "wikitext-2-raw-v1")}
 STDLIB_SKIPPED_DIRS = frozenset(
@@ -35,6 +44,8 @@ STDLIB_SKIPPED_DIRS = frozenset(
     }
 )
 """Standard-library folders that ``python-stdlib`` leaves out: test suites, GUI demos, bundled packages."""
+TOKENS_FORMAT = 1
+"""Bumped whenever :func:`tokenize_passages` or the stored layout changes, so stored tokens are not reused."""
 
 
 @dataclass
@@ -189,6 +200,97 @@ def tokenize_passages(
     if bos is not None and use_bos:
         stream = torch.cat([torch.full((n, 1), bos, dtype=torch.long), stream], dim=1)  # (n, max_len)
     return stream
+
+
+def cached_tokenize(
+    text: str,
+    tokenizer: Any,
+    *,
+    max_passages: int,
+    max_len: int,
+    prepend_bos: bool,
+    cache_dir: Path | None,
+) -> tuple[torch.Tensor, str]:
+    """:func:`tokenize_passages`, read from ``cache_dir/tokens/`` when the same text was cut the same way
+    by the same tokenizer before; returns the tokens and where they came from (``cached``, ``tokenized``,
+    or ``tokenized`` with the reason a stored entry was not used).
+
+    The entry's name is a hash of the text itself, :func:`tokenizer_identity` and the settings, so a
+    changed text, tokenizer or setting is a different entry. An entry is an NPZ (read without
+    pickle) holding the tokens and their :func:`fingerprint_tokens`; one that does not read back
+    whole is tokenized again and replaced. ``cache_dir=None``, or a tokenizer without a serialisable
+    backend, tokenizes every time.
+    """
+    settings: dict[str, Any] = {"max_passages": max_passages, "max_len": max_len, "prepend_bos": prepend_bos}
+    identity = tokenizer_identity(tokenizer)
+    if cache_dir is None or identity is None:
+        return tokenize_passages(text, tokenizer, **settings), "tokenized"
+    key = {"format": TOKENS_FORMAT, "text_sha256": _sha256(text), "tokenizer": identity, **settings}
+    path = cache_dir / "tokens" / f"{_sha256(json.dumps(key, sort_keys=True))[:32]}.npz"
+    how = "tokenized"
+    if path.is_file():
+        try:
+            return _read_tokens(path, max_passages=max_passages, max_len=max_len), "cached"
+        except Exception as exc:  # truncated, not an NPZ, wrong content: tokenize again
+            how = f"tokenized (the stored tokens {path.name} did not read back: {type(exc).__name__}: {exc})"
+    tokens = tokenize_passages(text, tokenizer, **settings)
+    with contextlib.suppress(OSError):  # a read-only or full disk only costs tokenizing next time
+        _write_tokens(path, tokens)
+    return tokens, how
+
+
+def tokenizer_identity(tokenizer: Any) -> str | None:
+    """sha256 of everything that decides how ``tokenizer`` cuts text, or ``None`` when it cannot be told.
+
+    A fast tokenizer's backend serialises to JSON (normalizer, pre-tokenizer, vocabulary, merges,
+    added tokens); with it go the wrapper's class, BOS id and ``split_special_tokens``, and the
+    transformers and tokenizers versions (a new version may cut the same text differently).
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not hasattr(backend, "to_str"):
+        return None
+    from runner.models.naming import package_version
+
+    wrapper = {
+        "class": f"{type(tokenizer).__module__}.{type(tokenizer).__qualname__}",
+        "bos_token_id": getattr(tokenizer, "bos_token_id", None),
+        "split_special_tokens": getattr(tokenizer, "split_special_tokens", None),
+        "versions": {p: package_version(p) for p in ("transformers", "tokenizers")},
+    }
+    return _sha256(backend.to_str() + json.dumps(wrapper, sort_keys=True, default=str))
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", errors="surrogatepass")).hexdigest()
+
+
+def _read_tokens(path: Path, *, max_passages: int, max_len: int) -> torch.Tensor:
+    """Tokens stored by :func:`_write_tokens`; ValueError unless they are whole and of the right shape."""
+    import numpy as np
+
+    with np.load(path, allow_pickle=False) as stored:
+        array, fingerprint = stored["tokens"], str(stored["fingerprint"])
+    if array.dtype != np.int64 or array.ndim != 2 or array.shape[1] != max_len:
+        raise ValueError(f"stored tokens are {array.dtype} {array.shape}, expected int64 (n, {max_len})")
+    if not 0 < array.shape[0] <= max_passages:
+        raise ValueError(f"{array.shape[0]} stored passages, expected 1 to {max_passages}")
+    tokens = torch.from_numpy(array)
+    if fingerprint_tokens(tokens) != fingerprint:
+        raise ValueError("the stored tokens do not match their fingerprint")
+    return tokens
+
+
+def _write_tokens(path: Path, tokens: torch.Tensor) -> None:
+    """Store ``tokens`` atomically: written to a temporary sibling, renamed into place when complete."""
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp.npz")
+    try:
+        np.savez(tmp, tokens=tokens.numpy(), fingerprint=np.array(fingerprint_tokens(tokens)))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def fingerprint_tokens(tokens: torch.Tensor) -> str:

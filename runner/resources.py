@@ -12,9 +12,10 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from runner.datasets import TokenDataset, fingerprint_tokens, load_text, tokenize_passages
+from runner.datasets import TokenDataset, cached_tokenize, fingerprint_tokens, load_text
 from runner.models.loaded import LoadedModel, resolve_device
 from runner.models.loaders import load_model
+from runner.models.weight_cache import default_cache_dir
 from runner.spec import DatasetSpec, ModelSpec
 
 if TYPE_CHECKING:
@@ -34,9 +35,12 @@ class Resources:
         base_dir: Path,
         device_override: str | None = None,
         status: Callable[[str], AbstractContextManager[Any]] | None = None,
+        cache_dir: Path | None = None,
     ) -> None:
         self.base_dir = base_dir
         self.device_override = device_override
+        self.cache_dir = cache_dir or default_cache_dir()
+        """Where converted model weights and tokenized datasets are kept (not the result cache)."""
         self._status = status or (lambda message: nullcontext())
         self._model_key: tuple[str, str, str] | None = None
         self._model: LoadedModel | None = None
@@ -53,7 +57,7 @@ class Resources:
         if key != self._model_key:
             self._model = None  # release before loading the next one
             with self._status(f"Loading model {spec.name} on {key[1]} ({spec.dtype})"):
-                self._model = load_model(spec.name, device=key[1], dtype=spec.dtype)
+                self._model = load_model(spec.name, device=key[1], dtype=spec.dtype, cache_dir=self.cache_dir)
             self._model_key = key
             self.loaded["models"][spec.name] = {"source": self._model.source, **self._model.info}
         assert self._model is not None
@@ -68,12 +72,13 @@ class Resources:
                 text = load_text(
                     spec.name, split=spec.split, text_field=spec.text_field, base_dir=self.base_dir
                 )
-                tokens = tokenize_passages(
+                tokens, tokenized = cached_tokenize(
                     text,
                     tokenizer,
                     max_passages=spec.max_passages,
                     max_len=spec.max_len,
                     prepend_bos=spec.prepend_bos,
+                    cache_dir=self.cache_dir,
                 )
             info = {
                 "spec": spec.model_dump(),
@@ -81,6 +86,7 @@ class Resources:
                 "n_passages": int(tokens.shape[0]),
                 "max_len": int(tokens.shape[1]),
                 "n_characters": len(text),
+                "tokens": tokenized,
             }
             dataset = TokenDataset(spec.name, tokens, fingerprint_tokens(tokens), info)
             if dataset.tokens.shape[0] < spec.max_passages:

@@ -145,9 +145,10 @@ class _LazyResources:
 
     def __getattr__(self, name: str) -> Any:
         if self._real is None:
-            from runner.resources import Resources
+            from runner.models.imports import import_heavy
 
-            self._real = Resources(**self._settings)
+            resources, _ = import_heavy("runner.resources")  # torch: with the collector paused
+            self._real = resources.Resources(**self._settings)
         return getattr(self._real, name)
 
 

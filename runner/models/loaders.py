@@ -16,6 +16,7 @@ import torch
 from runner.errors import ResourceError
 from runner.models.gguf import load_embedded, load_gguf_file
 from runner.models.hub import load_from_hub
+from runner.models.imports import import_heavy
 from runner.models.llama import hooked_llama_from_hf, load_raw_weights
 from runner.models.loaded import Loaded, LoadedModel, model_facts, resolve_device, resolve_dtype
 from runner.models.naming import EMBEDDED_MODEL, describe_model
@@ -59,12 +60,10 @@ def load_model(
 def _import_model_libraries() -> float:
     """Import TransformerLens (and with it transformers): seconds in a fresh process, nothing later.
 
-    Timed apart so that ``load_seconds`` measures loading the model, not importing libraries.
+    Timed apart so that ``load_seconds`` measures loading the model, not importing libraries; the
+    garbage collector is paused meanwhile (see :mod:`runner.models.imports`).
     """
-    started = time.perf_counter()
-    import transformer_lens  # noqa: F401
-
-    return time.perf_counter() - started
+    return import_heavy("transformer_lens")[1]
 
 
 def _load_local_dir(name: str, location: str, device: str, dtype: torch.dtype, cache_dir: Path) -> Loaded:

@@ -139,6 +139,20 @@ def test_corrupt_cache_is_rebuilt_with_a_note(tiny_gguf, tiny_tokenizer, tmp_pat
     assert load_model(str(tiny_gguf), cache_dir=tmp_path).info["from_cache"] is True
 
 
+def test_gguf_sha256_is_remembered_by_path_size_and_mtime(tiny_gguf, tmp_path):
+    first = load_model(str(tiny_gguf), cache_dir=tmp_path)
+    table_path = tmp_path / "file-hashes.json"
+    table = json.loads(table_path.read_text())
+    assert table[str(tiny_gguf.resolve())][2] == first.info["sha256"] == gguf.file_sha256(tiny_gguf)
+    # A remembered hash is used as it is (the file is not read again) while size and mtime match ...
+    table[str(tiny_gguf.resolve())][2] = "f" * 64
+    table_path.write_text(json.dumps(table))
+    assert load_model(str(tiny_gguf), cache_dir=tmp_path).info["sha256"] == "f" * 64
+    # ... and a file touched since is hashed again.
+    os.utime(tiny_gguf, ns=(time.time_ns(), time.time_ns() + 1_000_000))
+    assert load_model(str(tiny_gguf), cache_dir=tmp_path).info["sha256"] == first.info["sha256"]
+
+
 def test_interrupted_cache_write_leaves_no_entry(tiny_gguf, tmp_path, monkeypatch):
     import safetensors.torch
 
