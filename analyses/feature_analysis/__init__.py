@@ -163,12 +163,20 @@ class LayerFeatures(BaseModel):
     """``(F,)`` largest activation per analysed feature (0 if dead)."""
     mean_activation: Array
     """``(F,)`` mean non-zero activation per analysed feature."""
+    top_values: Array
+    """``(F, max_examples)`` each analysed feature's top activations, largest first (0 past the last
+    non-zero one)."""
+    top_tokens: Array
+    """``(F, max_examples)`` where they are in the dataset: ``passage * max_len + position`` (-1 past the
+    last non-zero one); ``feature_maximizers`` starts its searches from the windows ending there."""
 
 
 class FeatureAnalysisResult(StepResult):
     """Per-feature statistics of each SAE over the dataset; whole tables are the data files."""
 
     model: str
+    dataset: str
+    """The dataset's fingerprint (``top_tokens`` index its passages)."""
     n_passages: int
     n_tokens: int
     """Positions counted (special tokens left out when `exclude_special_tokens`)."""
@@ -184,6 +192,7 @@ class FeatureAnalysisResult(StepResult):
     params=FeatureAnalysisParams,
     result=FeatureAnalysisResult,
     needs=("model", "dataset", "saes"),
+    version=2,
 )
 def feature_analysis(ctx: StepContext, params: FeatureAnalysisParams) -> StepOutput:
     """Every SAE feature over real text in one pass: density, histograms, top contexts, logit effects."""

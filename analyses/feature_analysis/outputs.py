@@ -64,6 +64,7 @@ def build_output(
     timing["outputs"] = time.perf_counter() - start
     result = FeatureAnalysisResult(
         model=ctx.model.name,
+        dataset=ctx.dataset.fingerprint,
         n_passages=len(ctx.dataset),
         n_tokens=work[0].table.n_tokens if work and work[0].table else 0,
         layers=layers,
@@ -210,4 +211,6 @@ def _layer(item: Analysed, texts: Any) -> LayerFeatures:
         density=density.astype(np.float64),
         max_activation=table.max.astype(np.float32),
         mean_activation=table.mean_nonzero,
+        top_values=table.top_values.astype(np.float32),
+        top_tokens=table.top_tokens.astype(np.int64),
     )

@@ -11,16 +11,19 @@ real tokens. Two methods, each scored the same way afterwards:
 - ``discrete``: a search over real tokens, as in EPO ("fluent dreaming", Thompson et al. 2024) and GCG
   (Zou et al. 2023): a population of sequences; each round, the gradient of the objective with respect
   to each position's one-hot token proposes the ``top_k`` most promising swaps per position, a batch of
-  single swaps is scored exactly, and the best distinct sequences survive. The objective is the
-  feature's activation minus ``fluency`` times the sequence's cross-entropy under the full model
-  (EPO's trade-off; ``fluency: 0`` runs only up to the SAE's layer). ``restarts`` repeat it from new
-  random sequences drawn from the dataset's tokens.
+  single swaps is scored exactly, and the best distinct sequences survive (so the best never drops).
+  The objective is the feature's largest activation over the sequence's positions minus ``fluency``
+  times its cross-entropy under the full model (EPO's trade-off; ``fluency: 0`` runs only up to the
+  SAE's layer). ``init`` says where the population starts: ``dataset``, the ``seq_len`` tokens ending at
+  each of the feature's top activations in the dataset (as EPO seeds from dataset examples);
+  ``random``, tokens drawn from the dataset's; ``mixed``, restarts alternating between the two.
 
 Every sequence starts with the model's BOS token when the dataset prepends one. Reported per feature and
 method: the tokens, the activation they reach (the real tokens run through the model; the maximum over
-positions after BOS), their cross-entropy under the model (mean next-token loss, nats: fluency), and
-the best activation in the dataset (special tokens left out), read from a ``feature_analysis`` step
-(``from_step``) or computed over the dataset.
+positions after BOS), their cross-entropy under the model (mean next-token loss, nats: fluency), the
+best activation in the dataset (special tokens left out), read from a ``feature_analysis`` step
+(``from_step``) or computed over the dataset, and for the discrete search where it started: the init,
+the starting sequence and its activation, the tokens swapped since, and the best objective per round.
 
 Outputs: ``maximizers.jsonl`` (one line per feature and method), ``feature_N_synthetic.png`` (each
 method's tokens coloured by activation, against the dataset maximum) and, with ``from_step``,
@@ -41,6 +44,7 @@ from runner.saes import SAESource
 from runner.step import StepContext, StepOutput
 
 Method = Literal["embedding", "discrete"]
+Init = Literal["dataset", "random", "mixed"]
 
 
 class FeatureMaximizersParams(BaseModel):
@@ -100,8 +104,14 @@ class FeatureMaximizersParams(BaseModel):
     """`discrete`: weight of the cross-entropy (nats) subtracted from the activation. 0: activation
     only, and the model runs only up to the SAE's layer while searching."""
 
+    init: Init = "dataset"
+    """`discrete`: where each restart's population starts. `dataset`: the `seq_len` tokens ending at
+    the feature's top activations in the dataset (restart r takes the next `population` of them;
+    positions before the passage's start, and special tokens, are filled with random dataset tokens);
+    `random`: random dataset tokens; `mixed`: restarts alternate, dataset first."""
+
     restarts: int = Field(default=1, ge=1, le=64)
-    """Independent runs from new random starts (both methods); the best is kept."""
+    """Independent runs from new starts (both methods); the best is kept."""
 
     batch_size: int = Field(default=16, ge=1)
     """Passages per forward pass when the dataset maximum is computed here."""
@@ -128,6 +138,8 @@ class Maximizer(BaseModel):
     feature: int
     label: str
     method: Method
+    init: Literal["dataset", "random"]
+    """Where the winning sequence's search started (`embedding`: always `random`)."""
     tokens: list[str]
     """The sequence, BOS included when used, as token texts."""
     token_ids: list[int]
@@ -145,6 +157,15 @@ class Maximizer(BaseModel):
     """activation / dataset_max (None when the feature never fires on the dataset)."""
     beats_dataset: bool
     """activation >= dataset_max."""
+    start_token_ids: list[int] | None
+    """`discrete`: the starting sequence the winner descends from (BOS included when used)."""
+    start_activation: float | None
+    """`discrete`: its largest activation (after BOS), scored as `activation` is."""
+    swaps: int | None
+    """`discrete`: positions where the winner differs from its start."""
+    trace: list[float] | None
+    """`discrete`: the winning restart's best objective at the start and after each round
+    (never decreasing)."""
     seconds: float
 
 
@@ -157,6 +178,8 @@ class FeatureMaximizersResult(StepResult):
     dataset_max_from: str
     """`step <id>` or `dataset` (computed here over `n_passages`)."""
     n_passages: int
+    init: Init
+    """The discrete search's `init`."""
     maximizers: list[Maximizer]
     beats: dict[str, int]
     """Method → features whose maximizer reaches at least the dataset's best activation."""
@@ -171,6 +194,7 @@ class FeatureMaximizersResult(StepResult):
     params=FeatureMaximizersParams,
     result=FeatureMaximizersResult,
     needs=("model", "dataset", "saes"),
+    version=2,
 )
 def feature_maximizers(ctx: StepContext, params: FeatureMaximizersParams) -> StepOutput:
     """Token sequences that maximise SAE features (relaxed and discrete search) against the dataset's best."""

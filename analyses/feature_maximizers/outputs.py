@@ -43,6 +43,7 @@ def build_output(
         hook=loaded.hook_name,
         dataset_max_from=source,
         n_passages=len(ctx.dataset),
+        init=params.init,
         maximizers=found,
         beats={m: sum(x.beats_dataset for x in found if x.method == m) for m in params.methods},
         n_features=len(features),
