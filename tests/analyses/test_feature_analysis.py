@@ -126,6 +126,20 @@ def test_density_moments_and_maximum_match_brute_force(output: StepOutput, brute
     assert layer.n_alive == D_SAE and 0.02 < float(layer.density.min()) < float(layer.density.max()) < 0.6
 
 
+def test_result_keeps_where_each_top_activation_is_and_the_dataset(
+    output: StepOutput, brute: np.ndarray
+) -> None:
+    layer = result(output).layers[1]
+    assert result(output).dataset == "x"  # the fingerprint feature_maximizers checks with from_step
+    assert layer.top_tokens.shape == layer.top_values.shape == (D_SAE, 4)
+    for f in range(D_SAE):
+        order = np.argsort(-brute[:, f], kind="stable")[:4]
+        fired = brute[order, f] > 0
+        np.testing.assert_array_equal(layer.top_tokens[f][fired], order[fired])  # ties: the earlier token
+        assert (layer.top_tokens[f][~fired] == -1).all()
+        np.testing.assert_array_equal(layer.top_values[f], np.where(fired, brute[order, f], 0))
+
+
 def test_histogram_counts_every_activation_in_its_equal_width_bin(
     output: StepOutput, brute: np.ndarray
 ) -> None:
