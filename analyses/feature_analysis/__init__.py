@@ -86,6 +86,12 @@ class FeatureAnalysisParams(BaseModel):
     top_logits: int = Field(default=10, ge=1, le=100)
     """Tokens listed as most promoted and most suppressed by each feature's decoder direction."""
 
+    correlated: int = Field(default=5, ge=0, le=100)
+    """Most correlated features listed for each feature of an explicit `features` list or of
+    `features_csv` (Pearson correlation of activations over the counted positions, against every
+    analysed feature, summed per batch in float64); 0 skips it. Features chosen for a card after
+    the pass (`card_selection`) get none: their correlations would need a second pass."""
+
     batch_size: int = Field(default=16, ge=1)
     """Passages per forward pass (the seed's `--batch-size`)."""
 
@@ -132,6 +138,8 @@ class FeatureCard(BaseModel):
     promoted: list[JSONValue]
     """[{token, value}] most promoted by the decoder direction."""
     suppressed: list[JSONValue]
+    correlated: list[JSONValue] = []
+    """[{feature, pearson}] the most correlated features (only for listed and CSV features)."""
 
 
 class LayerFeatures(BaseModel):
@@ -192,7 +200,7 @@ class FeatureAnalysisResult(StepResult):
     params=FeatureAnalysisParams,
     result=FeatureAnalysisResult,
     needs=("model", "dataset", "saes"),
-    version=2,
+    version=3,
 )
 def feature_analysis(ctx: StepContext, params: FeatureAnalysisParams) -> StepOutput:
     """Every SAE feature over real text in one pass: density, histograms, top contexts, logit effects."""

@@ -37,6 +37,41 @@ class Analysed:
     table: FeatureTable | None = None
     effects: LogitEffects | None = None
     timing: dict[str, float] = field(default_factory=dict)
+    correlate: torch.Tensor | None = None
+    """``(C,)`` rows (in ``feature_ids``) of the features whose correlations are accumulated."""
+    sum_xy: torch.Tensor | None = None
+    """``(C, F)`` float64 sums over counted positions of their activation times every feature's."""
+
+    def add_products(self, acts: torch.Tensor, eligible: torch.Tensor) -> None:
+        """Add ``(B, T, F)`` activations (zero where not counted) to :attr:`sum_xy`."""
+        if self.correlate is None or self.sum_xy is None:
+            return
+        flat = acts[eligible].double()  # (n, F) counted positions only
+        self.sum_xy += flat[:, self.correlate].T @ flat  # (C, F)
+
+    def correlations(self, k: int) -> dict[int, list[dict[str, float]]]:
+        """Row → its ``k`` most correlated other features ``[{feature, pearson}]``, largest first
+        (features that never fire have no correlation and are left out)."""
+        table = self.table
+        if self.correlate is None or self.sum_xy is None or table is None or table.n_tokens == 0:
+            return {}
+        n = table.n_tokens
+        mean = torch.from_numpy(table.sum) / n  # (F,) float64, zeros counted
+        std = (torch.from_numpy(table.sum_sq) / n - mean**2).clamp(min=0).sqrt()
+        rows = self.correlate
+        cov = self.sum_xy / n - mean[rows, None] * mean[None, :]  # (C, F)
+        pearson = cov / (std[rows, None] * std[None, :])
+        pearson[torch.arange(len(rows)), rows] = float("nan")  # not itself
+        pearson = pearson.nan_to_num(nan=-2.0)  # NaN (a dead feature, itself) never chosen
+        values, index = pearson.topk(min(k, pearson.shape[1]), dim=1)
+        return {
+            int(r): [
+                {"feature": int(self.feature_ids[j]), "pearson": float(v)}
+                for v, j in zip(values[i].tolist(), index[i].tolist(), strict=True)
+                if v > -2.0
+            ]
+            for i, r in enumerate(rows.tolist())
+        }
 
 
 def run(ctx: StepContext, params: FeatureAnalysisParams) -> StepOutput:
@@ -80,7 +115,14 @@ def _analysed(
     accumulator = FeatureAccumulator(
         ids, params.max_examples, params.buffer, params.interval_samples, seed=ctx.seed
     )
-    return Analysed(loaded, ids, labels, accumulator)
+    item = Analysed(loaded, ids, labels, accumulator)
+    listed = [] if params.features == "all" else list(params.features)
+    named = list(dict.fromkeys([*listed, *labels]))
+    if params.correlated > 0 and named:
+        row = {f: i for i, f in enumerate(chosen)}
+        item.correlate = torch.tensor([row[f] for f in named], dtype=torch.int64)
+        item.sum_xy = torch.zeros(len(named), len(chosen), dtype=torch.float64)
+    return item
 
 
 def eligible_mask(tokens: torch.Tensor, special: torch.Tensor | None) -> torch.Tensor:
@@ -126,6 +168,7 @@ def accumulate(
             timing["encode"] += time.perf_counter() - start
             start = time.perf_counter()
             item.accumulator.add(acts, eligible, first * tokens.shape[1])
+            item.add_products(acts, eligible)
             timing["accumulate"] += time.perf_counter() - start
         first += tokens.shape[0]
     return timing

@@ -49,16 +49,20 @@ def build_output(
     for item in work:
         assert item.table is not None and item.effects is not None
         layer = item.loaded.layer
+        correlated = item.correlations(params.correlated)
         for i in range(len(item.feature_ids)):
-            extra = {
+            extra: dict[str, Any] = {
                 "layer": layer,
                 "hook": item.loaded.hook_name,
                 "label": item.labels.get(_id(item, i), ""),
             }
+            if i in correlated:  # named as sae_vis' feature tables name them
+                extra["correlated_features_indices"] = [c["feature"] for c in correlated[i]]
+                extra["correlated_features_pearson"] = [c["pearson"] for c in correlated[i]]
             records.append(neuronpedia_record(item.table, item.effects, i, texts, windows, extra))
             rows.append(_csv_row(item, i, texts, windows))
         for i, why in card_features(ctx, params, item):
-            cards.append(_card(item, i, why, texts, windows))
+            cards.append(_card(item, i, why, texts, windows, correlated.get(i, [])))
         layers[layer] = _layer(item, texts)
     plots = build_plots(ctx.model.name, work, cards, texts) if cards or work else {}
     timing["outputs"] = time.perf_counter() - start
@@ -123,7 +127,9 @@ def _example(example: tuple[float, int, np.ndarray], before: int, texts: Any, wi
     }
 
 
-def _card(item: Analysed, i: int, why: str, texts: Any, windows: Any) -> FeatureCard:
+def _card(
+    item: Analysed, i: int, why: str, texts: Any, windows: Any, correlated: list[dict[str, float]]
+) -> FeatureCard:
     table, effects = item.table, item.effects
     assert table is not None and effects is not None
     counts, edges = table.histogram(i)
@@ -152,6 +158,7 @@ def _card(item: Analysed, i: int, why: str, texts: Any, windows: Any) -> Feature
         histogram={"heights": [int(c) for c in counts], "edges": [float(e) for e in edges]},
         promoted=_logits(texts(effects.pos_tokens[i]), effects.pos_values[i]),
         suppressed=_logits(texts(effects.neg_tokens[i]), effects.neg_values[i]),
+        correlated=[{"feature": c["feature"], "pearson": round(c["pearson"], 4)} for c in correlated],
     )
 
 

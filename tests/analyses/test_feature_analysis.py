@@ -290,6 +290,34 @@ def test_cards_list_csv_features_first_then_the_densest(
     assert result(out).cards[0].label == "a label"
 
 
+def test_most_correlated_features_match_numpy_corrcoef(
+    tiny_model: LoadedModel,
+    tokens: torch.Tensor,
+    sae_dir: Path,
+    brute: np.ndarray,
+    render_partial: Callable[..., str],
+) -> None:
+    (sae_dir / "corr.csv").write_text('layer,feature,label\n1,9,"a label"\n')
+    out = run(tiny_model, tokens, sae_dir, features_csv="corr.csv", cards=2, correlated=5)
+    counted = ~np.isin(tokens.numpy().reshape(-1), SPECIAL)
+    expected = np.corrcoef(brute[counted].astype(np.float64).T)[9]  # (D_SAE,) over counted positions
+    expected[9] = -np.inf
+    order = np.argsort(-expected, kind="stable")[:5]
+    card = result(out).cards[0]
+    assert card.feature == 9 and [c["feature"] for c in card.correlated] == order.tolist()  # type: ignore[index]
+    # float64 sums of the same float32 activations, another formula: rounding far below 1e-9 (the
+    # card's values are rounded to 4 decimals, the record's are not)
+    got = [c["pearson"] for c in card.correlated]  # type: ignore[index]
+    np.testing.assert_allclose(got, np.round(expected[order], 4), atol=5e-5)
+    (record,) = [r for r in out.data["features.jsonl"] if r["feature_index"] == 9]
+    assert record["correlated_features_indices"] == order.tolist()
+    np.testing.assert_allclose(record["correlated_features_pearson"], expected[order], rtol=1e-9, atol=1e-12)
+    assert result(out).cards[1].correlated == []  # chosen after the pass: none
+    assert "correlated_features_indices" not in records(out)[0]
+    assert f"Most correlated features (Pearson): {order[0]} " in render_partial(out, "feature_analysis.md.j2")
+    assert "<th>correlated feature</th>" in render_partial(out, "feature_analysis.html.j2")
+
+
 def test_a_feature_past_the_sae_is_a_clear_error(
     tiny_model: LoadedModel, tokens: torch.Tensor, sae_dir: Path
 ) -> None:
