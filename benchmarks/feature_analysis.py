@@ -34,21 +34,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from _embedded import load_embedded
 from _machine import describe, machine, write_json
 
 SAE = "smollm2-135m/blocks.12.hook_resid_post"
 TARGET_RATIO = 1.5
 TARGET_SPEEDUP = 10.0
-
-
-def load(passages: int) -> tuple[Any, Any]:
-    from runner.datasets import TokenDataset, fingerprint_tokens, load_text, tokenize_passages
-    from runner.models import load_model
-
-    model = load_model("smollm2-135m")
-    text = load_text("python-docs")
-    tokens = tokenize_passages(text, model.tokenizer, max_passages=passages, max_len=128, prepend_bos=True)
-    return model, TokenDataset("python-docs", tokens, fingerprint_tokens(tokens))
 
 
 def floor(ctx: Any, loaded: Any, batch_size: int) -> float:
@@ -96,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     from runner.saes import SAESource
     from runner.step import StepContext
 
-    model, dataset = load(args.passages)
+    model, dataset = load_embedded(args.passages)
     ctx = StepContext.standalone(model=model, dataset=dataset, seed=0)
     [loaded] = ctx.saes(SAESource(name=SAE), layers=None, site=None, where="benchmark")
     facts = machine()

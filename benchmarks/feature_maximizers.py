@@ -33,21 +33,12 @@ import time
 from typing import Any
 
 import torch
+from _embedded import load_embedded
 from _machine import ROOT, describe, machine, write_json
 
 SAE = "smollm2-135m/blocks.12.hook_resid_post"
 FEATURES_CSV = ROOT / "specs" / "data" / "smollm2_features.csv"
 TARGET = 4
-
-
-def load(passages: int) -> tuple[Any, Any]:
-    from runner.datasets import TokenDataset, fingerprint_tokens, load_text, tokenize_passages
-    from runner.models import load_model
-
-    model = load_model("smollm2-135m")
-    text = load_text("python-docs")
-    tokens = tokenize_passages(text, model.tokenizer, max_passages=passages, max_len=128, prepend_bos=True)
-    return model, TokenDataset("python-docs", tokens, fingerprint_tokens(tokens))
 
 
 def labelled_features() -> list[int]:
@@ -131,7 +122,7 @@ def main() -> None:
     from runner.saes import SAESource
     from runner.step import StepContext
 
-    model, dataset = load(args.passages)
+    model, dataset = load_embedded(args.passages)
     ctx = StepContext.standalone(model=model, dataset=dataset, seed=0)
     [loaded] = ctx.saes(SAESource(name=SAE), layers=None, site=None, where="benchmark")
     facts = machine()
