@@ -338,6 +338,20 @@ def test_report_partials_render_cards_with_values_on_hover(
     assert f"#### Layer 1, feature {card.feature}" in markdown and "⟦" in markdown
 
 
+def test_a_newline_token_shows_as_a_return_arrow_not_a_line_break(
+    output: StepOutput, render_partial: Callable[..., str]
+) -> None:
+    """Contexts of text with line breaks (docs, code) would break the card's rows; SAE dashboards show
+    a newline token as a return arrow, so do the cards."""
+    res = result(output)
+    card = res.cards[0]
+    example = {**card.examples[0], "tokens": ["x\ny", *card.examples[0]["tokens"][1:]]}
+    card = card.model_copy(update={"examples": [example, *card.examples[1:]]})
+    changed = StepOutput(result=res.model_copy(update={"cards": [card, *res.cards[1:]]}), data={})
+    html = render_partial(changed, "feature_analysis.html.j2")
+    assert ">x\u21b5y</span>" in html and "x\ny" not in html
+
+
 def write_dictionary_learning(directory: Path, w_enc: torch.Tensor, b_enc: torch.Tensor, k: int) -> None:
     """An AutoEncoderTopK checkpoint as dictionary_learning saves it (nn.Linear layouts)."""
     d_in, d_sae = w_enc.shape
