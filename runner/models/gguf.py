@@ -118,28 +118,19 @@ def _remembered_sha256(path: Path, cache_dir: Path) -> str:
 
 
 def load_embedded(name: str, location: str, device: str, dtype: torch.dtype, cache_dir: Path) -> Loaded:
-    return _load_gguf(Path(location), "embedded", "embedded GGUF", device, dtype, cache_dir)
+    return _load_gguf(Path(location), EMBEDDED_MODEL, "embedded GGUF", device, dtype, cache_dir)
 
 
 def load_gguf_file(name: str, location: str, device: str, dtype: torch.dtype, cache_dir: Path) -> Loaded:
-    return _load_gguf(Path(location), "gguf-file", "GGUF file", device, dtype, cache_dir)
+    path = Path(location)
+    slug = re.sub(r"[^a-z0-9.]+", "-", path.stem.lower()).strip("-") or "model"
+    return _load_gguf(path, slug, "GGUF file", device, dtype, cache_dir)
 
 
-def cache_entry(kind: str, path: Path, cache_dir: Path) -> Path:
-    """The weight-cache entry of GGUF ``path`` (``kind`` ``embedded`` or ``gguf-file``): named by the
-    model and the file's sha256, so another file is another entry."""
-    slug = EMBEDDED_MODEL if kind == "embedded" else _slug(path)
-    return cache_dir / "models" / f"{slug}-{_remembered_sha256(path, cache_dir)[:12]}"
-
-
-def _slug(path: Path) -> str:
-    return re.sub(r"[^a-z0-9.]+", "-", path.stem.lower()).strip("-") or "model"
-
-
-def _load_gguf(path: Path, kind: str, label: str, device: str, dtype: torch.dtype, cache_dir: Path) -> Loaded:
+def _load_gguf(path: Path, slug: str, label: str, device: str, dtype: torch.dtype, cache_dir: Path) -> Loaded:
     _check_gguf_architecture(path)
     sha256 = _remembered_sha256(path, cache_dir)
-    entry = cache_entry(kind, path, cache_dir)
+    entry = cache_dir / "models" / f"{slug}-{sha256[:12]}"
     info: dict[str, Any] = {"sha256": sha256, "file_bytes": path.stat().st_size, "cache_entry": str(entry)}
     if entry.exists():
         try:

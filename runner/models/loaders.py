@@ -14,14 +14,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from runner.errors import ResourceError
-from runner.models.gguf import cache_entry, load_embedded, load_gguf_file
+from runner.models.gguf import load_embedded, load_gguf_file
 from runner.models.hub import load_from_hub
 from runner.models.imports import import_heavy
 from runner.models.llama import hooked_llama_from_hf, load_raw_weights
 from runner.models.loaded import Loaded, LoadedModel, model_facts, resolve_device, resolve_dtype
 from runner.models.naming import EMBEDDED_MODEL, describe_model
 from runner.models.naming import package_version as version
-from runner.models.weight_cache import default_cache_dir, discard_prefetch, prefetch_weights
+from runner.models.weight_cache import default_cache_dir
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -40,14 +40,9 @@ def load_model(
     kind, location = described["kind"], described["location"]
     device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
     cache_dir = cache_dir or default_cache_dir()
-    entry = _prefetch(kind, location, cache_dir)
-    try:
-        import_seconds = _import_model_libraries()
-        started = time.perf_counter()
-        loaded = _LOADERS[kind](name, location, device, torch_dtype, cache_dir)
-    finally:
-        if entry is not None:
-            discard_prefetch(entry)
+    import_seconds = _import_model_libraries()
+    started = time.perf_counter()
+    loaded = _LOADERS[kind](name, location, device, torch_dtype, cache_dir)
     loaded.model.eval()
     info = {
         "kind": kind,
@@ -61,19 +56,6 @@ def load_model(
         "versions": {p: version(p) for p in ("torch", "transformers", "transformer-lens")},
     }
     return LoadedModel(name, loaded.model, loaded.tokenizer, loaded.source, info)
-
-
-def _prefetch(kind: str, location: str, cache_dir: Path) -> Path | None:
-    """For a GGUF model with a weight-cache entry: start reading its weights while TransformerLens is
-    imported (see :func:`~runner.models.weight_cache.prefetch_weights`); returns the entry."""
-    if kind not in {"embedded", "gguf-file"}:
-        return None
-    try:
-        entry = cache_entry(kind, Path(location), cache_dir)
-    except OSError:  # the loader says what is wrong with the file
-        return None
-    prefetch_weights(entry)
-    return entry
 
 
 def _import_model_libraries() -> float:

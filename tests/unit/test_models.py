@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,6 @@ from runner.models import (
     require_hooks,
     resolve_device,
     resolve_dtype,
-    weight_cache,
 )
 
 TEXT = "The assignment statement binds names to objects."
@@ -153,102 +151,6 @@ def test_gguf_sha256_is_remembered_by_path_size_and_mtime(tiny_gguf, tmp_path):
     # ... and a file touched since is hashed again.
     os.utime(tiny_gguf, ns=(time.time_ns(), time.time_ns() + 1_000_000))
     assert load_model(str(tiny_gguf), cache_dir=tmp_path).info["sha256"] == first.info["sha256"]
-
-
-def _mixed_tensors() -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(0)
-    return {
-        "matrix": torch.randn(3, 4, generator=generator),
-        "half": torch.randn(5, generator=generator).to(torch.bfloat16),
-        "flag": torch.tensor(True),
-        "ids": torch.arange(7),
-        "empty": torch.zeros(0, 3),
-        "scalar": torch.tensor(2.5),
-    }
-
-
-def test_weights_are_read_as_safetensors_reads_them(tmp_path):
-    from safetensors.torch import load_file, save_file
-
-    save_file(_mixed_tensors(), str(tmp_path / "w.safetensors"))
-    read, expected = (
-        weight_cache.read_safetensors(tmp_path / "w.safetensors"),
-        load_file(str(tmp_path / "w.safetensors")),
-    )
-    assert read.keys() == expected.keys()
-    for name, tensor in expected.items():  # bit-exact: the same bytes, read into fresh tensors
-        assert read[name].dtype == tensor.dtype and torch.equal(read[name], tensor), name
-        assert read[name].is_contiguous()
-
-
-@pytest.mark.parametrize("damage", ["truncated", "header past the end", "gap between tensors", "bytes after"])
-def test_damaged_weights_files_are_refused(damage, tmp_path):
-    from safetensors.torch import save_file
-
-    path = tmp_path / "w.safetensors"
-    save_file(_mixed_tensors(), str(path))
-    data = path.read_bytes()
-    header_len = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + header_len])
-    if damage == "truncated":
-        data = data[:-5]
-    elif damage == "header past the end":
-        data = (len(data)).to_bytes(8, "little") + data[8:]
-    elif damage == "gap between tensors":
-        header["matrix"]["data_offsets"] = [o + 4 for o in header["matrix"]["data_offsets"]]
-        text = json.dumps(header, separators=(",", ":")).encode()
-        assert len(text) <= header_len  # safetensors pads its header with spaces, as here
-        data = data[:8] + text.ljust(header_len) + data[8 + header_len :]
-    else:
-        data = data + b"\0" * 8
-    path.write_bytes(data)
-    message = {
-        "truncated": "ends 4 bytes early",
-        "header past the end": "header of",
-        "bytes after": "end at byte",
-    }
-    with pytest.raises(ValueError, match=message.get(damage, "do not follow")):
-        weight_cache.read_safetensors(path)
-
-
-def test_prefetched_weights_are_taken_once_and_a_failed_prefetch_reads_again(tmp_path, monkeypatch):
-    from safetensors.torch import save_file
-
-    entry = tmp_path / "entry"
-    entry.mkdir()
-    save_file(_mixed_tensors(), str(entry / "weights.safetensors"))
-    reads: list[str] = []
-    original = weight_cache.read_safetensors
-
-    def counted(path):
-        reads.append(threading.current_thread().name)
-        if len(reads) == 1 and fail_first:
-            raise OSError("read error")
-        return original(path)
-
-    monkeypatch.setattr(weight_cache, "read_safetensors", counted)
-    for fail_first in (False, True):
-        reads.clear()
-        weight_cache.prefetch_weights(entry)
-        weights = weight_cache._read_weights(entry / "weights.safetensors")
-        assert all(torch.equal(weights[k], v) for k, v in _mixed_tensors().items())
-        expected = ["runner-weights-prefetch"] + (["MainThread"] if fail_first else [])
-        assert reads == expected
-        assert weight_cache._PREFETCHED == {}  # taken: a later load reads the file again
-
-
-def test_a_prefetch_not_taken_is_discarded(tmp_path):
-    from safetensors.torch import save_file
-
-    entry = tmp_path / "entry"
-    entry.mkdir()
-    save_file({"x": torch.ones(2)}, str(entry / "weights.safetensors"))
-    weight_cache.prefetch_weights(entry)
-    assert list(weight_cache._PREFETCHED) == [entry / "weights.safetensors"]
-    weight_cache.discard_prefetch(entry)
-    assert weight_cache._PREFETCHED == {}
-    weight_cache.prefetch_weights(tmp_path / "no-entry")  # nothing to read: nothing started
-    assert weight_cache._PREFETCHED == {}
 
 
 def test_models_are_built_on_one_torch_thread_and_the_count_restored(tiny_gguf, tmp_path, monkeypatch):
