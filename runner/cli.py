@@ -27,7 +27,11 @@ NO_CASES_EXIT_CODE = 5
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
-    parser = argparse.ArgumentParser(prog="runner", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        prog="runner",
+        description="Declarative experiment runner for mechanistic interpretability: "
+        "validate, plan, run, rerun, diff and report YAML experiment specs.",
+    )
     parser.add_argument("--fulltrace", action="store_true", help="show tracebacks for user errors too")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -144,6 +148,7 @@ def _validate(args: argparse.Namespace, out: Console) -> int:
 
     from runner.errors import RunnerError, SpecError
     from runner.loader import find_spec_files
+    from runner.planner import cases_text
 
     paths = find_spec_files(args.paths or [Path("specs")])
     if not paths:
@@ -159,7 +164,7 @@ def _validate(args: argparse.Namespace, out: Console) -> int:
             out.print(f"[red]FAILED[/red] {escape(str(path))}")
             out.print(escape(str(exc)), soft_wrap=True)
             continue
-        out.print(f"[green]ok[/green]     {escape(str(path))} ({len(plan.cases)} cases)")
+        out.print(f"[green]ok[/green]     {escape(str(path))} ({cases_text(len(plan.cases))})")
     out.print(f"{len(paths) - failed} valid, {failed} invalid")
     return 2 if failed else 0
 
@@ -194,6 +199,7 @@ def print_plan(plan: Any, out: Console, states: dict[str, str] | None = None) ->
     from rich.tree import Tree
 
     from runner.models.naming import describe_model
+    from runner.planner import cases_text
 
     spec = plan.spec
     source = describe_model(spec.model.name)
@@ -222,7 +228,7 @@ def print_plan(plan: Any, out: Console, states: dict[str, str] | None = None) ->
         counts = (
             " (" + ", ".join(f"{kinds.count(k)} {k}" for k in ("cached", "new", "stale") if k in kinds) + ")"
         )
-    out.print(f"{len(plan.cases)} cases collected{deselected}{counts}")
+    out.print(f"{cases_text(len(plan.cases))} collected{deselected}{counts}")
 
 
 def _styled_state(state: str) -> str:

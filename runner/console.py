@@ -24,7 +24,7 @@ from rich.progress import (
 from rich.text import Text
 
 from runner.executor import CaseResult, RunResult
-from runner.planner import Case, Plan
+from runner.planner import Case, Plan, cases_text
 
 __all__ = ["ConsoleReporter"]
 
@@ -78,7 +78,7 @@ class ConsoleReporter:
             f"dataset: {escape(spec.dataset.name)}   seed: {spec.seed}"
         )
         deselected = f" / {len(plan.deselected)} deselected" if plan.deselected else ""
-        self.print(f"collected {len(plan.cases) + len(plan.deselected)} cases{deselected}")
+        self.print(f"collected {cases_text(len(plan.cases) + len(plan.deselected))}{deselected}")
         self.print(f"run folder: {escape(run_dir)}\n")
 
     @contextmanager

@@ -29,7 +29,7 @@ from runner.loader import Loc, SpecDocument, load_spec, problems_from, read_docu
 from runner.registry import ANALYSES, did_you_mean
 from runner.spec import DatasetSpec, ExperimentSpec, ModelSpec, StepSpec, SweepSpec
 
-__all__ = ["Case", "Plan", "build_plan", "load_plan", "select_cases"]
+__all__ = ["Case", "Plan", "build_plan", "cases_text", "load_plan", "select_cases"]
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,11 @@ class Plan:
     def describe(self) -> list[dict[str, Any]]:
         """JSON-able list of selected cases."""
         return [case.describe() for case in self.cases]
+
+
+def cases_text(n: int) -> str:
+    """``1 case``, ``2 cases``: a count of cases as the console writes it."""
+    return f"{n} case" if n == 1 else f"{n} cases"
 
 
 def build_plan(spec: ExperimentSpec, doc: SpecDocument) -> Plan:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import importlib.resources
+import json
 import math
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -47,6 +48,13 @@ def fmt(value: Any, digits: int = 4) -> str:
             return f"{value:.{max(digits - 1, 0)}e}"
         return f"{value:.{digits}g}"
     return str(value)
+
+
+def token(text: Any) -> str:
+    """A token in double quotes, its spaces visible at the edges and its characters as they are:
+    ``" ≥"``, ``"\\n"``. Unlike Jinja's ``tojson``, which writes ``<``, ``>``, ``&`` and ``'`` as
+    ``\\u003c``-style escapes for scripts, this is for reading; HTML autoescaping still applies."""
+    return json.dumps(str(text), ensure_ascii=False)
 
 
 @dataclass
@@ -131,6 +139,7 @@ def environment(templates: Path | None = None) -> jinja2.Environment:
         autoescape=lambda name: bool(name and name.endswith(".html.j2")),
     )
     env.filters["fmt"] = fmt
+    env.filters["token"] = token
     return env
 
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from analyses._sae_tensors import shift_to_logits
 from analyses.sae_interventions import SaeInterventionsParams, SaeInterventionsResult
@@ -310,6 +311,10 @@ def _layer_plot(model: str, workload: Workload, rows: list[dict[str, Any]], alph
     means = [float(np.mean([r["delta_loss"] for r in at if r["layer"] == layer])) for layer in layers]
     ax.plot(layers, means, marker="o", color="tab:red", label="mean over features")
     ax.axhline(0, color="grey", linewidth=0.8)
+    if len(layers) <= 12:  # whole layers only: one layer's axis would otherwise read 11.4 ... 12.6
+        ax.set_xticks(layers)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(
         title=f"{model} · {workload.mode} alpha {alpha:g} · Δ loss per layer",
         xlabel="layer",
@@ -323,7 +328,8 @@ def _alpha_plot(model: str, workload: Workload, rows: list[dict[str, Any]], key:
     n = len(workload.saes)
     cols = min(4, n)
     fig = Figure(figsize=(3.6 * cols, 2.9 * -(-n // cols) + 0.5), layout="constrained")
-    fig.suptitle(f"{model} · {workload.mode} · {label} against alpha")
+    # Two lines: one panel (a single layer) is narrower than the title on one line.
+    fig.suptitle(f"{model} · {workload.mode}\n{label} against alpha", fontsize=10)
     for i, loaded in enumerate(workload.saes):
         ax = fig.add_subplot(-(-n // cols), cols, i + 1)
         for feature in workload.features[i]:

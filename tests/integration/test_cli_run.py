@@ -176,15 +176,15 @@ def test_zip_and_product_sweeps_expand_into_cases(write_spec, run_cli):
 @pytest.mark.parametrize(
     ("expr", "expected"),
     [
-        ("value=1.0", 1),
-        ("not value=1.0", 1),
-        ("toy and (value=1.0 or value=2.0)", 2),
-        ("TOY", 2),
+        ("value=1.0", "1 case collected"),
+        ("not value=1.0", "1 case collected"),
+        ("toy and (value=1.0 or value=2.0)", "2 cases collected"),
+        ("TOY", "2 cases collected"),
     ],
 )
 def test_keyword_selection_follows_pytest(write_spec, run_cli, expr, expected):
     code, out, _ = run_cli("plan", write_spec(TOY_SPEC), "-k", expr)
-    assert f"{expected} cases collected" in out
+    assert expected in out
 
 
 def test_spec_level_sweep_over_seed_names_cases(write_spec, run_cli, tmp_path):

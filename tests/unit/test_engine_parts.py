@@ -10,7 +10,7 @@ from runner.artifacts import RunFolder
 from runner.errors import RunnerError
 from runner.params import parse_indices
 from runner.registry import Registry, analysis
-from runner.reports import fmt
+from runner.reports import environment, fmt
 from runner.results import StepResult, to_jsonable
 
 
@@ -147,3 +147,18 @@ def test_jsonable_handles_numpy_and_non_finite():
 )
 def test_fmt_formats_significant_digits(value, digits, text):
     assert fmt(value, digits) == text
+
+
+def test_tokens_read_as_they_are_in_html_and_markdown(tmp_path):
+    # Jinja's tojson wrote " \u2265" and "\u003e" into reports; the token filter keeps the characters
+    # and leaves HTML-escaping to autoescape, so a browser shows " ≥", ">" and "\"".
+    (tmp_path / "t.html.j2").write_text("{% for t in tokens %}<code>{{ t | token }}</code>{% endfor %}")
+    (tmp_path / "t.md.j2").write_text("{% for t in tokens %}{{ t | token }} {% endfor %}")
+    env = environment(tmp_path)
+    tokens = [" \u2265", ">", '"', "a\nb"]
+    html = env.get_template("t.html.j2").render(tokens=tokens)
+    assert html == (
+        "<code>&#34; ≥&#34;</code><code>&#34;&gt;&#34;</code>"
+        "<code>&#34;\\&#34;&#34;</code><code>&#34;a\\nb&#34;</code>"
+    )
+    assert env.get_template("t.md.j2").render(tokens=tokens) == '" ≥" ">" "\\"" "a\\nb" '
