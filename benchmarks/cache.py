@@ -13,7 +13,8 @@ process pays that the cold run paid once for all cases: Python and the imports, 
 dataset, the first case's lazy imports and checks, the cached case, the report, the exit. Case
 times of two processes differ by a few percent on an idle machine and by far more under load, so
 the resumed run's own ``duration_s`` is shown too: wall minus that is the start-up outside its
-cases.
+cases, of which the TransformerLens import and the model load are shown apart (from the manifest)
+and ``import torch`` is timed in a fresh process.
 
     python benchmarks/cache.py [--spec specs/quickstart.yaml] [--repeats 5] [--resumes 1] [--output out.json]
 """
@@ -85,8 +86,10 @@ def measure_resume(
     killed = killed_after_first_case(run, {**env, "RUNNER_RESULTS_CACHE": str(cache)}, cache)
     load = os.getloadavg()[0]
     wall = timed(run, {**env, "RUNNER_RESULTS_CACHE": str(cache)})
-    resumed = computed_seconds(newest_manifest(runs))
+    manifest = newest_manifest(runs)
+    resumed = computed_seconds(manifest)
     in_cold = sum(cold[case] for case in resumed)
+    models = manifest["resources"]["models"].values()
     return {
         "killed_after_s": killed,
         "wall_s": wall,
@@ -94,8 +97,22 @@ def measure_resume(
         "computed_in_cold_run_s": in_cold,
         "overhead_s": wall - in_cold,
         "outside_cases_s": wall - sum(resumed.values()),
+        # Parts of it the manifest records: importing TransformerLens (with transformers), loading the model.
+        "transformer_lens_import_s": sum(float(m.get("import_seconds", 0.0)) for m in models),
+        "model_load_s": sum(float(m.get("load_seconds", 0.0)) for m in models),
         "load_average_before": round(load, 2),
     }
+
+
+def torch_import_seconds(repeats: int = 3) -> float:
+    """Median seconds of ``import torch`` in a fresh process: the part of the start-up the manifest
+    does not record (runner imports torch before any model is loaded)."""
+    code = "import time; t = time.perf_counter(); import torch; print(time.perf_counter() - t)"
+    times = [
+        float(subprocess.run([sys.executable, "-c", code], capture_output=True, check=True, text=True).stdout)
+        for _ in range(repeats)
+    ]
+    return statistics.median(times)
 
 
 def main() -> None:
@@ -119,6 +136,7 @@ def main() -> None:
     result["resumes"] = [
         measure_resume(run, env, scratch / f"kill-cache-{i}", runs, cold) for i in range(options.resumes)
     ]
+    result["torch_import_s"] = torch_import_seconds()
     result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     print(describe(result["machine"]))
     print(f"{options.spec}: cold run {result['cold_run_s']:.1f} s; its cases " + _seconds(cold))
@@ -131,8 +149,10 @@ def main() -> None:
             f"{resume['wall_s']:.1f} s (load {resume['load_average_before']}), computing "
             f"{_seconds(resume['computed'])} ({resume['computed_in_cold_run_s']:.1f} s in the cold run): "
             f"overhead {resume['overhead_s']:.1f} s (target < 5 s); "
-            f"outside its cases {resume['outside_cases_s']:.1f} s"
+            f"outside its cases {resume['outside_cases_s']:.1f} s (TransformerLens import "
+            f"{resume['transformer_lens_import_s']:.1f} s, model load {resume['model_load_s']:.1f} s)"
         )
+    print(f"  import torch in a fresh process: {result['torch_import_s']:.2f} s (median of 3)")
     print(f"load average after: {result['load_average_after']}")
     print(f"written {write_json(result, 'cache', options.output)}")
 

@@ -577,12 +577,17 @@ def _distribution_plot(records: list[dict[str, Any]], threshold: float, model_na
     xs = [abs(r["input_value"]) for r in records]
     ys = [abs(r["output_value"]) for r in records]
     points = ax.scatter(xs, ys, c=[r["layer"] for r in records], cmap="viridis", s=50)
+    placed: list[tuple[float, float]] = []  # (log10 x, log10 y) of the points labelled so far
     for r, x, y in zip(records, xs, ys, strict=True):
+        at = (math.log10(max(x, 1e-30)), math.log10(max(y, 1e-30)))
+        # Points this close (in decades) would print their labels over each other: step down a line.
+        crowd = sum(abs(at[0] - px) < 0.6 and abs(at[1] - py) < 0.15 for px, py in placed)
+        placed.append(at)
         ax.annotate(
             f"L{r['layer']} R{r['row']} C{r['col']}",
             (x, y),
             fontsize=7,
-            xytext=(4, 3),
+            xytext=(4, 3 - 9 * crowd),
             textcoords="offset points",
         )
     ax.axvline(threshold, color="gray", linestyle="--", linewidth=1)
