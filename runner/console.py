@@ -44,6 +44,7 @@ class ConsoleReporter:
         self._progress: Progress | None = None
         self._cases_task: Any = None
         self._workers: dict[str, Any] = {}
+        self._worker_doing: dict[str, str] = {}
 
     def print(self, *objects: Any, **kwargs: Any) -> None:
         """Print to the console and to the log."""
@@ -96,6 +97,7 @@ class ConsoleReporter:
             finally:
                 self._progress = None
                 self._workers.clear()
+                self._worker_doing.clear()
 
     def status(self, message: str) -> AbstractContextManager[Any]:
         """A spinner (or a plain line) while a resource loads."""
@@ -113,8 +115,12 @@ class ConsoleReporter:
         if self._progress is not None:
             self._progress.update(self._cases_task, description=escape(case.id))
 
-    def worker_status(self, worker: str, doing: str | None) -> None:
-        """One line per Ray worker under the cases bar: what it runs (``idle``), and for how long.
+    def worker_status(
+        self, worker: str, doing: str | None, progress: tuple[str, int, int | None] | None = None
+    ) -> None:
+        """One line per Ray worker under the cases bar: what it runs (``idle``), for how long, and
+        with ``progress`` (description, done, total) how far its case's inner loop is (``batches
+        3/8``). A new ``doing`` restarts the line's clock.
 
         ``doing`` None removes the worker's line (it stopped). Nothing is printed without a terminal.
         """
@@ -124,12 +130,18 @@ class ConsoleReporter:
         if doing is None:
             if task is not None:
                 self._progress.remove_task(self._workers.pop(worker))
+                self._worker_doing.pop(worker, None)
             return
         description = f"  {escape(worker)}: {escape(doing)}"
         if task is None:
-            self._workers[worker] = self._progress.add_task(description, total=None)
-        else:
+            task = self._workers[worker] = self._progress.add_task(description, total=None)
+        elif progress is None or self._worker_doing.get(worker) != doing:
             self._progress.reset(task, description=description, total=None)
+        self._worker_doing[worker] = doing
+        if progress is not None:  # as text: a bar's total could not go back to none for the next case
+            what, done, total = progress
+            count = f"{done}/{total}" if total is not None else str(done)
+            self._progress.update(task, description=f"{description} · {escape(what)} {count}")
 
     def progress(self, items: Iterable[Any], total: int | None, description: str) -> Iterator[Any]:
         """Advance an inner bar (e.g. batches) while iterating."""

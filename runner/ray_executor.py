@@ -427,8 +427,16 @@ class _Received(_Upstream):
         return list(self.finished[step_id])
 
 
-class _QuietReporter:
-    """A worker tells the driver nothing while a case runs; the driver reports it when it returns."""
+Progress = tuple[str, int, int | None]
+"""A running case's inner loop as the driver's console shows it: description, items done, total."""
+
+
+class _WorkerReporter:
+    """What a worker's case reports: its inner loop's progress, kept for the driver to ask for
+    (:meth:`CaseWorker.progress`); the driver reports everything else when the case returns."""
+
+    def __init__(self) -> None:
+        self.now: Progress | None = None
 
     def case_started(self, case: Case) -> None:
         pass
@@ -440,7 +448,12 @@ class _QuietReporter:
         pass
 
     def progress(self, items: Any, total: int | None, description: str) -> Iterator[Any]:
-        return iter(items)
+        done = 0
+        self.now = (description, done, total)
+        for item in items:
+            yield item
+            done += 1
+            self.now = (description, done, total)
 
 
 class CaseWorker:
@@ -458,6 +471,12 @@ class CaseWorker:
             base_dir=Path(settings["base_dir"]), device_override=settings["device_override"]
         )
         self.run_cache: dict[Any, Any] = {}
+        self.reporter = _WorkerReporter()
+
+    def progress(self) -> Progress | None:
+        """The running case's inner loop (batches...): asked by the driver while :meth:`run` runs,
+        which is why the actor takes two calls at once (``max_concurrency=2``)."""
+        return self.reporter.now
 
     def describe(self, model: Any) -> dict[str, Any]:
         """This worker's process, machine and torch settings, as the manifest records the driver's."""
@@ -477,12 +496,13 @@ class CaseWorker:
     def run(self, case: Case, blobs: dict[str, list[_Blob]]) -> _Outcome:
         """Run one case into a scratch folder; return its result and files."""
         scratch = Path(tempfile.mkdtemp(prefix="runner-case-"))
+        self.reporter.now = None
         try:
             result = CaseResult(case)
             upstream = _Received(blobs)
             try:
-                folder, quiet = RunFolder(scratch), _QuietReporter()
-                _run_case(result, folder, self.resources, quiet, upstream, self.run_cache)
+                folder = RunFolder(scratch)
+                _run_case(result, folder, self.resources, self.reporter, upstream, self.run_cache)
             except ResourceError as exc:  # a model or dataset that cannot load: no case of the run can run
                 return _Outcome(None, error=str(exc), aborted=True)
             except _NotReady as exc:
@@ -556,13 +576,16 @@ class _Pool:
         self.fixed = fixed
         """The cluster cannot grow (a local instance runner started): a case it cannot hold is an error."""
         self.refused: list[tuple[CaseResult, _Outcome]] = []
-        self.actor_class = ray.remote(max_restarts=0)(CaseWorker)
+        # Two calls at once: the driver asks a worker for its case's progress while the case runs.
+        self.actor_class = ray.remote(max_restarts=0, max_concurrency=2)(CaseWorker)
         self.modules, self.settings, self.reporter = modules, settings, reporter
         self.cluster = ray.cluster_resources()
         self.groups: dict[str, _Group] = {}
         self.workers: list[_Worker] = []
         self.retired: list[_Worker] = []
         self.inflight: dict[Any, tuple[_Worker, CaseResult, Any]] = {}
+        self.polls: dict[Any, tuple[_Worker, CaseResult]] = {}
+        """Outstanding progress questions to running workers, by Ray reference."""
         self.tries: dict[str, int] = {}
         self.retry_notes: dict[str, list[str]] = {}
         self._numbers = 0
@@ -603,11 +626,13 @@ class _Pool:
         self._pump()
         if not self.inflight:
             return refused
+        self._ask_progress()
         refs = list(self.inflight)
         ready, rest = self.ray.wait(refs, num_returns=1, timeout=timeout)
         if ready and rest:
             more, _ = self.ray.wait(rest, num_returns=len(rest), timeout=0)
             ready = [*ready, *more]
+        self._show_progress()
         returned = refused
         for ref in ready:
             outcome = self._collect(ref)
@@ -615,6 +640,29 @@ class _Pool:
                 returned.append(outcome)
         self._pump()
         return returned
+
+    def _ask_progress(self) -> None:
+        """Ask each running worker (that has not been asked already) how far its case is."""
+        if getattr(self.reporter, "worker_status", None) is None:
+            return
+        asked = {worker.number for worker, _ in self.polls.values()}
+        for worker in self.workers:
+            if worker.running is not None and worker.number not in asked:
+                self.polls[worker.actor.progress.remote()] = (worker, worker.running)
+
+    def _show_progress(self) -> None:
+        """Put the answers that came back on the workers' console lines."""
+        if not self.polls:
+            return
+        answered, _ = self.ray.wait(list(self.polls), num_returns=len(self.polls), timeout=0)
+        for ref in answered:
+            worker, result = self.polls.pop(ref)
+            try:
+                now = self.ray.get(ref)
+            except Exception:  # a worker that died: its case's own reference says so
+                continue
+            if now is not None and worker.running is result and not worker.stopped:
+                self._show(worker, result.case.id, now)
 
     def _collect(self, ref: Any) -> tuple[CaseResult, _Outcome] | None:
         worker, result, blobs = self.inflight.pop(ref)
@@ -675,12 +723,15 @@ class _Pool:
         self._show(worker, result.case.id)
         self.inflight[worker.actor.run.remote(result.case, blobs)] = (worker, result, blobs)
 
-    def _show(self, worker: _Worker, case_id: str | None) -> None:
-        """Tell the console what the worker runs now (None: idle, or stopped)."""
+    def _show(self, worker: _Worker, case_id: str | None, progress: Progress | None = None) -> None:
+        """Tell the console what the worker runs now (None: idle, or stopped) and how far it is."""
         show = getattr(self.reporter, "worker_status", None)
         if show is not None:
             name = f"worker {worker.number} ({worker.group.model.name})"
-            show(name, None if worker.stopped else case_id or "idle")
+            if progress is None:
+                show(name, None if worker.stopped else case_id or "idle")
+            else:
+                show(name, case_id, progress)
 
     def _retire(self, worker: _Worker, why: str) -> None:
         worker.stopped = why

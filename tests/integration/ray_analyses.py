@@ -39,6 +39,9 @@ class StampParams(BaseModel):
     """Wait until the log holds this many ``start`` lines (cases running at once)."""
     sleep: float = 0.0
     """Seconds to sleep before ending."""
+    items: int = 0
+    """Loop over this many items through ``ctx.progress``; after the first, wait for the line
+    ``seen <case> items 1/<items>`` (written by whoever watched the progress)."""
 
 
 class StampResult(StepResult):
@@ -75,6 +78,10 @@ def _stamp(ctx, params: StampParams, d_model: int = 0) -> StepOutput:
     if params.starts:
         count = params.starts
         wait_until(params.log, lambda lines: sum(x.startswith("start") for x in lines) >= count, "starts")
+    seen = f"seen {ctx.case_id} items 1/{params.items}"
+    for index in ctx.progress(range(params.items), params.items, "items"):
+        if index == 1:
+            wait_until(params.log, lambda lines: seen in lines, repr(seen))
     time.sleep(params.sleep)
     log_line(params.log, f"end {ctx.case_id}")
     return StepOutput(result=StampResult(read=read, pid=os.getpid(), d_model=d_model))

@@ -243,7 +243,9 @@ def test_a_case_is_sent_once_what_it_reads_finished_not_after_every_earlier_case
     from runner.console import ConsoleReporter
 
     shown: list[tuple[str, str | None]] = []
-    monkeypatch.setattr(ConsoleReporter, "worker_status", lambda self, w, doing: shown.append((w, doing)))
+    monkeypatch.setattr(
+        ConsoleReporter, "worker_status", lambda self, w, doing, progress=None: shown.append((w, doing))
+    )
     log = tmp_path / "events.log"
     log.write_text("")
     code, out, err = run_cli("run", write_spec(DEPENDENT.format(log=log)), "--executor", "ray")
@@ -265,6 +267,39 @@ def test_a_case_is_sent_once_what_it_reads_finished_not_after_every_earlier_case
     workers = {w for w, _ in shown}
     assert len(workers) >= 3 and all(w.startswith("worker ") for w in workers)
     assert all([d for w2, d in shown if w2 == w][-1] is None for w in workers)
+
+
+PROGRESS = """
+name: progress
+steps:
+  - id: loop
+    analysis: stamp
+    params: {{log: {log}, items: 3}}
+"""
+
+
+def test_the_console_shows_how_far_a_workers_case_is(local_ray, write_spec, run_cli, tmp_path, monkeypatch):
+    from runner.console import ConsoleReporter
+
+    log = tmp_path / "events.log"
+    log.write_text("")
+    shown: list[tuple[str, str | None, object]] = []
+
+    def worker_status(self, worker, doing, progress=None):
+        shown.append((worker, doing, progress))
+        if progress is not None:  # the case waits for this line after its first item
+            ray_analyses.log_line(str(log), f"seen {doing} {progress[0]} {progress[1]}/{progress[2]}")
+
+    monkeypatch.setattr(ConsoleReporter, "worker_status", worker_status)
+    code, out, err = run_cli("run", write_spec(PROGRESS.format(log=log)), "--executor", "ray")
+    assert code == 0, out + err
+    # The driver asked the worker while the case ran and showed what it answered: one item done of
+    # three (the case could not go on before), then the worker's line was removed.
+    answers = {(w.split(" (")[0], doing, progress) for w, doing, progress in shown if progress}
+    assert ("worker 1", "loop", ("items", 1, 3)) in answers  # asked again while it waited: same answer
+    assert answers <= {("worker 1", "loop", ("items", done, 3)) for done in (1, 2, 3)}
+    assert "seen loop items 1/3" in log.read_text().splitlines()
+    assert shown[-1][1] is None
 
 
 SCRIPT = """

@@ -45,3 +45,17 @@ def test_worker_lines_are_left_out_without_a_terminal():
     with reporter.running(1):
         reporter.worker_status("worker 1 (m)", "case")
     assert console.file.getvalue() == ""
+
+
+def test_a_worker_line_shows_how_far_its_case_is_and_restarts_for_the_next_case():
+    reporter = ConsoleReporter(terminal())
+    with reporter.running(2):
+        reporter.worker_status("worker 1 (m)", "importance[aggregate_by=values]")
+        reporter.worker_status("worker 1 (m)", "importance[aggregate_by=values]", ("batches", 3, 8))
+        assert shown(reporter)[1].startswith("  worker 1 (m): importance[aggregate_by=values] · batches 3/8")
+        reporter.worker_status("worker 1 (m)", "importance[aggregate_by=values]", ("batches", 5, 8))
+        assert shown(reporter)[1].startswith("  worker 1 (m): importance[aggregate_by=values] · batches 5/8")
+        reporter.worker_status("worker 1 (m)", "importance[aggregate_by=gradients]")
+        line = shown(reporter)[1]
+        assert line.startswith("  worker 1 (m): importance[aggregate_by=gradients]")
+        assert "batches" not in line and "/8" not in line
