@@ -63,7 +63,9 @@ def draw_grid(
     n_cols = max(1, math.ceil(math.sqrt(len(panels))))
     n_rows = max(1, math.ceil(len(panels) / n_cols))
     width, height = figsize_per_subplot
-    figure = Figure(figsize=(n_cols * width * scale, n_rows * height * scale + 0.9 * scale))
+    figure = Figure(
+        figsize=(n_cols * width * scale, n_rows * height * scale + 0.9 * scale), layout="constrained"
+    )
     axes = figure.subplots(n_rows, n_cols, sharex=True, squeeze=False)
     for ax, panel in zip(axes.flat, panels, strict=False):
         ax.plot(magnitudes, panel.values, color=COLORS[panel.kind], lw=1.5 * scale, alpha=0.85)
@@ -76,15 +78,22 @@ def draw_grid(
             ax.set_ylim(low - pad, high + pad)
         if panel.fit:
             _draw_fit(ax, magnitudes, panel.values, scale)
-    for ax in axes.flat[len(panels) :]:
+    spare = list(axes.flat[len(panels) :])
+    for ax in spare:
         ax.set_visible(False)
     kinds = [k for k in COLORS if any(p.kind == k for p in panels)]
     handles = [Line2D([0], [0], color=COLORS[k], lw=1.5 * scale, label=LEGEND[k]) for k in kinds]
-    figure.legend(handles=handles, loc="upper right", fontsize=8 * scale)
+    # In the grid's last empty cell, or beside the grid when it has none: in the figure's corner (the
+    # seed's place) it covered the first row's last panel.
+    if spare:
+        spare[-1].set_visible(True)
+        spare[-1].axis("off")
+        spare[-1].legend(handles=handles, loc="center", fontsize=8 * scale)
+    else:
+        figure.legend(handles=handles, loc="outside right upper", fontsize=8 * scale)
     figure.suptitle(title, fontsize=11 * scale, x=0.02, ha="left")
     figure.supxlabel("Input magnitude", fontsize=9 * scale)
     figure.supylabel("Activation value", fontsize=9 * scale)
-    figure.set_layout_engine("constrained")
     return figure
 
 

@@ -392,7 +392,7 @@ def _plots(model: str, hook: str, log: TrainingLog, frequency: np.ndarray) -> di
         ax.hist(np.log10(alive), bins=50, color="tab:blue")
     dead = int((frequency == 0).sum())
     ax.set(
-        title=f"{model} · {hook} · feature density ({dead} of {frequency.size} never fire)",
+        title=f"{model} · {hook}\nfeature density ({dead} of {frequency.size} never fire)",
         xlabel="log10(firing frequency on training tokens)",
         ylabel="features",
     )
