@@ -103,6 +103,7 @@ class RayExecutor:
             schedule.run(exitfirst)
         except KeyboardInterrupt:
             run.interrupted = True
+            schedule.keep_returned()
             for result in run.results:
                 if result.status == "not run":
                     result.error = "interrupted by the user (Ctrl-C)"
@@ -195,6 +196,14 @@ class _Schedule:
                     self.waiting.insert(self._position(result), result)
                 else:
                     self._finish(result, outcome)
+
+    def keep_returned(self) -> None:
+        """After Ctrl-C: record the cases whose results already came back but were not yet taken
+        (a worker finished them just before), so that no finished case is lost; start nothing.
+        Cases the interrupt itself ended (errors) stay "not run"."""
+        for result, outcome in self.pool.returned():
+            if outcome.result is not None and outcome.result.status in ("passed", "failed"):
+                self._finish(result, outcome)
 
     def _any_failed(self) -> bool:
         return any(r.status in ("failed", "error") for r in self.run_result.results)
@@ -640,6 +649,14 @@ class _Pool:
                 returned.append(outcome)
         self._pump()
         return returned
+
+    def returned(self) -> list[tuple[CaseResult, _Outcome]]:
+        """The running cases whose results are back already, taken without waiting or starting any."""
+        if not self.inflight:
+            return []
+        ready, _ = self.ray.wait(list(self.inflight), num_returns=len(self.inflight), timeout=0)
+        taken = (self._collect(ref) for ref in ready)
+        return [outcome for outcome in taken if outcome is not None]
 
     def _ask_progress(self) -> None:
         """Ask each running worker (that has not been asked already) how far its case is."""

@@ -302,6 +302,37 @@ def test_the_console_shows_how_far_a_workers_case_is(local_ray, write_spec, run_
     assert shown[-1][1] is None
 
 
+KEPT = """
+name: kept
+steps:
+  - id: only
+    analysis: stamp
+    params: {{log: {log}}}
+"""
+
+
+def test_ctrl_c_keeps_a_case_whose_result_had_come_back(
+    local_ray, write_spec, run_cli, tmp_path, monkeypatch
+):
+    from runner import ray_executor
+
+    def interrupted_once_returned(self, timeout):
+        self._pump()
+        ray.wait(list(self.inflight), num_returns=len(self.inflight))  # the case has returned...
+        raise KeyboardInterrupt  # ...and Ctrl-C comes before the driver took its result
+
+    monkeypatch.setattr(ray_executor._Pool, "wait", interrupted_once_returned)
+    log = tmp_path / "events.log"
+    log.write_text("")
+    code, out, err = run_cli("run", write_spec(KEPT.format(log=log)), "--executor", "ray")
+    assert code == 2, out + err  # interrupted
+    record = case_records(newest_run(tmp_path, "kept"))["only"]
+    assert record["status"] == "passed" and record["cache"]["state"] == "computed"
+    assert record["summary"]["pid"] != os.getpid()  # computed on a worker, not again here
+    assert log.read_text().splitlines() == ["start only", "end only"]
+    assert run_cli("plan", tmp_path / "spec.yaml")[1].count("cached") >= 1  # and stored in the cache
+
+
 SCRIPT = """
 import sys
 sys.path.insert(0, {here!r})
@@ -347,10 +378,12 @@ def interrupted_pair(tiny_llama_dir, tmp_path_factory):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
+    # Ctrl-C once the long case runs and the driver has recorded both finished cases (a case that
+    # logged its end may still be on its way back to the driver: then it is rightly "not run").
     deadline = time.monotonic() + 180
-    while "start wait" not in log.read_text() and process.poll() is None and time.monotonic() < deadline:
+    while not _meets_recorded(root, log) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert "start wait" in log.read_text(), process.communicate(timeout=60)[0]
+    assert _meets_recorded(root, log), process.communicate(timeout=60)[0]
     interrupted = time.monotonic()
     os.killpg(process.pid, signal.SIGINT)  # as Ctrl-C in a terminal: the whole process group
     output = process.communicate(timeout=120)[0]
@@ -364,6 +397,19 @@ def interrupted_pair(tiny_llama_dir, tmp_path_factory):
         "models": (str(root / "model-a"), str(root / "model-b")),
         "cache": root / "cache",
     }
+
+
+def _meets_recorded(root: Path, log: Path) -> bool:
+    """Whether the long case started and the run's manifest records both ``meet`` cases as passed."""
+    if "start wait" not in log.read_text():
+        return False
+    try:
+        (manifest,) = (root / "runs" / "pair").glob("*/manifest.json")
+        cases = json.loads(manifest.read_text())["cases"]
+    except (ValueError, OSError):  # no folder yet, or a manifest being replaced
+        return False
+    meets = [r for case_id, r in cases.items() if case_id.startswith("meet[")]
+    return len(meets) == 2 and all(r["status"] == "passed" for r in meets)
 
 
 def test_ctrl_c_stops_the_workers_and_keeps_the_finished_cases(interrupted_pair):
